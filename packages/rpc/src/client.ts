@@ -105,6 +105,8 @@ const connectionErrors: Record<string, string> = {
 
 /** Errors of calls that never reached the daemon: always safe to send again. */
 const unsent = new WeakSet<ConnectError>();
+/** Errors no retry can mend (a failed TLS handshake). */
+const permanent = new WeakSet<ConnectError>();
 const unsentErrnos = new Set(["ENOENT", "ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH"]);
 
 /** Failures to reach the daemon are UNAVAILABLE (the call never ran), with a message naming the target. */
@@ -114,7 +116,27 @@ function connectionErrorInterceptor(target: string): Interceptor {
       return await next(req);
     } catch (err) {
       for (let c: unknown = err; c instanceof Error; c = c.cause) {
-        const errno = (c as NodeJS.ErrnoException).code;
+        const rawCode: unknown = (c as { code?: unknown }).code;
+        const errno = typeof rawCode === "string" ? rawCode : undefined;
+        if (errno && (errno.startsWith("ERR_SSL_") || errno.startsWith("ERR_TLS_") || /CERT/.test(errno))) {
+          // The TLS handshake failed: retrying cannot help, the configuration must change.
+          // OpenSSL's messages ("80DC…:error:0A00045C:SSL routines:…") say less than their code does.
+          const why = /SSL routines/.test(c.message)
+            ? errno
+                .replace(/^ERR_(SSL|TLS)_/, "")
+                .toLowerCase()
+                .replaceAll("_", " ")
+            : c.message;
+          const e = new ConnectError(
+            `cannot reach ${target}: TLS handshake failed: ${why}`,
+            Code.Unavailable,
+            undefined,
+            undefined,
+            err,
+          );
+          permanent.add(e);
+          throw e;
+        }
         const what = errno === undefined ? undefined : connectionErrors[errno];
         if (what) {
           const code = errno === "EACCES" ? Code.PermissionDenied : Code.Unavailable;
@@ -146,7 +168,7 @@ export function isRetrySafe(
   method: { idempotency: number; input: DescMessage },
   message: unknown,
 ): boolean {
-  if (err.code !== Code.Unavailable) return false;
+  if (err.code !== Code.Unavailable || permanent.has(err)) return false;
   if (unsent.has(err)) return true;
   // MethodOptions.IdempotencyLevel: 1 = NO_SIDE_EFFECTS, 2 = IDEMPOTENT.
   if (method.idempotency === 1 || method.idempotency === 2) return true;

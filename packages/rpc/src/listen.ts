@@ -3,6 +3,8 @@ import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
 import { dirname } from "node:path";
+import type * as tls from "node:tls";
+import { Code } from "@connectrpc/connect";
 import { VmenvError } from "./errors.js";
 
 /** TLS material for a TCP listener, PEM-encoded. */
@@ -15,10 +17,9 @@ export interface TlsServerConfig {
   requireClientCert?: boolean;
 }
 
-export type Handler = (
-  req: http.IncomingMessage | http2.Http2ServerRequest,
-  res: http.ServerResponse | http2.Http2ServerResponse,
-) => void;
+type Request = http.IncomingMessage | http2.Http2ServerRequest;
+type Response = http.ServerResponse | http2.Http2ServerResponse;
+export type Handler = (req: Request, res: Response) => void;
 
 /** HTTP/2 connection preface ("PRI * HTTP/2.0…"); HTTP/1.x requests never start with "PRI". */
 const H2_PREFACE_START = Buffer.from("PRI ");
@@ -42,11 +43,13 @@ export class HttpFront {
           key: tls.key,
           ...(tls.clientCa === undefined ? {} : { ca: tls.clientCa }),
           requestCert: tls.clientCa !== undefined || tls.requireClientCert === true,
-          rejectUnauthorized: tls.requireClientCert === true,
+          // Unverified clients complete the handshake but get no RPC served: they are answered
+          // UNAUTHENTICATED with the reason, which every client can show (a TLS alert cannot be).
+          rejectUnauthorized: false,
           allowHTTP1: true,
           minVersion: "TLSv1.2",
         },
-        handler,
+        tls.requireClientCert ? requireClientCert(handler) : handler,
       );
       this.h1 = undefined;
     } else {
@@ -84,6 +87,48 @@ export class HttpFront {
     socket.on("data", onData);
     socket.on("error", () => socket.destroy());
   }
+}
+
+/** Wraps `handler` so that requests over a TLS connection whose client certificate did not verify are refused. */
+function requireClientCert(handler: Handler): Handler {
+  return (req, res) => {
+    const socket = req.socket as tls.TLSSocket;
+    if (socket.authorized) return handler(req, res);
+    const presented = Object.keys(socket.getPeerCertificate() ?? {}).length > 0;
+    const why = presented
+      ? `client certificate not accepted: ${String(socket.authorizationError ?? "not signed by a trusted CA")}`
+      : "client certificate required: this server accepts only mutual TLS";
+    reject(req, res, Code.Unauthenticated, why);
+  };
+}
+
+/**
+ * Ends a request with an error in the caller's protocol: gRPC and gRPC-Web get a trailers-only
+ * response with grpc-status, Connect and plain HTTP get a JSON error with the matching HTTP status.
+ */
+export function reject(req: Request, res: Response, code: Code, message: string): void {
+  // Read (and drop) the request body, so that answering early does not reset the stream.
+  req.resume();
+  const contentType = String(req.headers["content-type"] ?? "");
+  if (/^application\/grpc(-web)?(\+|;|$)/.test(contentType)) {
+    const headers = {
+      "content-type": contentType,
+      "grpc-status": String(code),
+      "grpc-message": encodeURIComponent(message),
+    };
+    if ("stream" in res) {
+      // HTTP/2: a trailers-only response is one HEADERS frame that ends the stream.
+      res.stream.respond({ ":status": 200, ...headers }, { endStream: true });
+    } else {
+      res.writeHead(200, headers);
+      res.end();
+    }
+    return;
+  }
+  const http: Partial<Record<Code, number>> = { [Code.Unimplemented]: 404, [Code.Unauthenticated]: 401 };
+  const name = Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
+  res.writeHead(http[code] ?? 400, { "content-type": "application/json" });
+  res.end(JSON.stringify({ code: name, message }));
 }
 
 /** Listens on TCP. Port 0 picks a free port; the bound address is returned. */

@@ -10,7 +10,7 @@ import { errorMapperInterceptor } from "./error-mapper.js";
 import { unimplemented } from "./errors.js";
 import { Health, HealthRegistry, healthService, ServingStatus } from "./health.js";
 import { deadlineInterceptor, loggingInterceptor } from "./interceptors.js";
-import { HttpFront, listenTcp, listenUnix, type TlsServerConfig } from "./listen.js";
+import { HttpFront, listenTcp, listenUnix, reject, type TlsServerConfig } from "./listen.js";
 import { DescriptorIndex, ReflectionV1, ReflectionV1alpha, reflectionServices } from "./reflection.js";
 import { requestIdInterceptor } from "./request-id.js";
 
@@ -106,6 +106,7 @@ export async function serve(opts: ServeOptions): Promise<RpcServer> {
       ...(opts.interceptors ?? []),
     ],
     shutdownSignal: shutdown.signal,
+    fallback: unknownMethod,
   });
 
   const fronts: HttpFront[] = [];
@@ -165,6 +166,18 @@ export async function serve(opts: ServeOptions): Promise<RpcServer> {
 
   return { unixSocket, tcpAddress, health, inFlight: () => tracker.count, close };
 }
+
+/** Answers a request for a method this server does not have, in the caller's protocol. */
+const unknownMethod: NonNullable<Parameters<typeof connectNodeAdapter>[0]["fallback"]> = (req, res) => {
+  const path = (req.url ?? "").split("?")[0] ?? "";
+  reject(
+    req,
+    // connect-node's response type differs from Node's only in the types of write callbacks.
+    res as Parameters<typeof reject>[1],
+    Code.Unimplemented,
+    `unknown method ${path}: this server has no such service or method (list them with reflection)`,
+  );
+};
 
 /** Resolves when every connection of `fronts` has closed, or after `ms`. */
 function connectionsClosed(fronts: HttpFront[], ms: number): Promise<void> {

@@ -1,0 +1,111 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+
+export const repoRoot = resolve(import.meta.dirname, "../..");
+export const agentMain = join(repoRoot, "packages/agent/dist/main.js");
+export const cliMain = join(repoRoot, "packages/cli/dist/main.js");
+
+export interface RunningAgent {
+  dir: string;
+  socket: string;
+  /** host:port of the TCP listener. */
+  address: string;
+  proc: ChildProcess;
+  /** Everything the agent wrote to stderr so far (its JSON log lines). */
+  log(): string;
+  /** SIGTERM, wait for exit, remove its state. Safe to call twice. */
+  stop(): Promise<number | null>;
+}
+
+/**
+ * Starts a real vmenv-agent process on private state (a temporary directory, a socket inside it, TCP on
+ * a free loopback port, TCG so no probe decides anything), waiting until it reports ready.
+ */
+export async function startAgent(
+  extraArgs: string[] = [],
+  env: NodeJS.ProcessEnv = {},
+): Promise<RunningAgent> {
+  const dir = await mkdtemp(join(tmpdir(), "vmenv-agent-test-"));
+  const socket = join(dir, "agent.sock");
+  const proc = spawn(
+    process.execPath,
+    [
+      agentMain,
+      "--state-dir",
+      join(dir, "state"),
+      "--socket",
+      socket,
+      "--listen",
+      "127.0.0.1:0",
+      "--accelerator",
+      "tcg",
+      ...extraArgs,
+    ],
+    { env: { ...process.env, ...env }, stdio: ["ignore", "ignore", "pipe"] },
+  );
+  let stderr = "";
+  proc.stderr?.setEncoding("utf8");
+  const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  const ready = new Promise<string>((resolveReady, reject) => {
+    proc.stderr?.on("data", (d: string) => {
+      stderr += d;
+      for (const line of stderr.split("\n")) {
+        if (!line.startsWith("{")) continue;
+        const j = JSON.parse(line) as { msg?: string; tcpAddress?: string };
+        if (j.msg === "vmenv-agent ready") resolveReady(j.tcpAddress ?? "");
+      }
+    });
+    exited.then(
+      (code) => reject(new Error(`agent exited with ${code} before it was ready:\n${stderr}`)),
+      reject,
+    );
+    setTimeout(() => reject(new Error(`agent not ready after 20s:\n${stderr}`)), 20_000).unref();
+  });
+  let stopped: Promise<number | null> | undefined;
+  const agent: RunningAgent = {
+    dir,
+    socket,
+    address: "",
+    proc,
+    log: () => stderr,
+    stop: () =>
+      (stopped ??= (async () => {
+        if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
+        const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
+        const code = await exited;
+        clearTimeout(t);
+        await rm(dir, { recursive: true, force: true });
+        return code;
+      })()),
+  };
+  try {
+    agent.address = await ready;
+  } catch (err) {
+    await agent.stop();
+    throw err;
+  }
+  return agent;
+}
+
+/** Runs a command with arguments (never through a shell); resolves with its exit code and output. */
+export function run(
+  cmd: string,
+  args: string[],
+  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolveRun, reject) => {
+    const p = spawn(cmd, args, { env: { ...process.env, ...opts.env }, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    p.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    p.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    const t = setTimeout(() => p.kill("SIGKILL"), opts.timeoutMs ?? 60_000);
+    p.once("error", reject);
+    p.once("close", (code) => {
+      clearTimeout(t);
+      resolveRun({ code, stdout, stderr });
+    });
+  });
+}
