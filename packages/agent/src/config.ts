@@ -143,11 +143,11 @@ const settings = [
   }),
   s({
     key: "kvmProbeTimeoutMs",
-    flag: "--kvm-probe-timeout <ms>",
+    flag: "--kvm-probe-timeout-ms <ms>",
     env: "VMENV_AGENT_KVM_PROBE_TIMEOUT_MS",
     default: "3000",
     help: "how long the KVM probe guest may take before KVM is declared unusable",
-    parse: int("--kvm-probe-timeout", 100),
+    parse: int("--kvm-probe-timeout-ms", 100),
   }),
   s({
     key: "logLevel",
@@ -160,11 +160,11 @@ const settings = [
   }),
   s({
     key: "shutdownGraceMs",
-    flag: "--shutdown-grace <ms>",
+    flag: "--shutdown-grace-ms <ms>",
     env: "VMENV_AGENT_SHUTDOWN_GRACE_MS",
     default: "10000",
     help: "on SIGTERM, how long calls in flight may take to finish",
-    parse: int("--shutdown-grace", 0),
+    parse: int("--shutdown-grace-ms", 0),
   }),
 ];
 
@@ -228,7 +228,8 @@ export async function resolveConfig(
   }
   const out: Record<string, unknown> = {};
   for (const x of settings) {
-    const fromFlag = cmd.getOptionValueSource(x.key) === "cli" ? opts[x.key] : undefined;
+    const flag = new Option(x.flag).attributeName(); // the flag's camelCase name is the setting's key
+    const fromFlag = cmd.getOptionValueSource(flag) === "cli" ? opts[flag] : undefined;
     const fileValue = file[x.key];
     const raw =
       fromFlag !== undefined

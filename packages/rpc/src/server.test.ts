@@ -4,10 +4,13 @@ import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
+import { fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { ErrorInfoSchema } from "@vmenv/api/google/rpc";
 import { Health, HealthCheckResponse_ServingStatus } from "@vmenv/api/grpc/health/v1";
 import { ServerReflection } from "@vmenv/api/grpc/reflection/v1";
+import { ServerReflection as ServerReflectionV1alpha } from "@vmenv/api/grpc/reflection/v1alpha";
 import pino from "pino";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { createDaemonClient } from "./client.js";
@@ -274,6 +277,31 @@ describe("serve", () => {
     ]);
     expect(out[1]?.case).toBe("fileDescriptorResponse");
     expect(out[2]).toMatchObject({ case: "errorResponse", value: { errorCode: Code.NotFound } });
+  });
+
+  it("answers reflection v1alpha (what older grpcurl speaks) with the files a symbol needs", async () => {
+    const s = await start();
+    const r = createDaemonClient(ServerReflectionV1alpha, { socket: s.unixSocket as string });
+    async function* reqs() {
+      yield {
+        host: "",
+        messageRequest: { case: "fileContainingSymbol" as const, value: "vmenv.testing.v1.EchoService" },
+      };
+      yield {
+        host: "",
+        messageRequest: { case: "fileByFilename" as const, value: "grpc/health/v1/health.proto" },
+      };
+    }
+    const names: string[][] = [];
+    for await (const m of r.serverReflectionInfo(reqs())) {
+      if (m.messageResponse.case !== "fileDescriptorResponse")
+        throw new Error(`unexpected ${m.messageResponse.case}`);
+      names.push(
+        m.messageResponse.value.fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b).name),
+      );
+    }
+    expect(names[0]).toEqual(["vmenv/testing/v1/echo.proto"]);
+    expect(names[1]).toEqual(["grpc/health/v1/health.proto"]);
   });
 
   it("shuts down gracefully: unary calls finish, streams end with UNAVAILABLE, new calls are refused", async () => {
