@@ -78,7 +78,12 @@ export function createDaemonTransport(cfg: ClientConfig): Transport {
       ...(ca === undefined ? {} : { ca }),
       ...(cert === undefined ? {} : { cert }),
       ...(key === undefined ? {} : { key }),
-      ...(serverName === undefined ? {} : { servername: serverName }),
+      // SNI carries host names only (RFC 6066): none when the address is an IP and no name is given.
+      ...(serverName !== undefined
+        ? { servername: serverName }
+        : net.isIP(address.replace(/^\[|\]?:\d+$/g, "")) !== 0
+          ? { servername: "" }
+          : {}),
     },
   });
 }
