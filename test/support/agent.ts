@@ -15,8 +15,13 @@ export interface RunningAgent {
   proc: ChildProcess;
   /** Everything the agent wrote to stderr so far (its JSON log lines). */
   log(): string;
-  /** SIGTERM, wait for exit, remove its state. Safe to call twice. */
+  /**
+   * SIGTERM, wait for exit, kill the VMs it left running (their VMMs outlive the agent by design),
+   * remove its state. Safe to call twice.
+   */
   stop(): Promise<number | null>;
+  /** SIGKILL the agent only: its VMs and state stay, for a new agent on the same `dir`. */
+  kill(): Promise<void>;
 }
 
 /**
@@ -26,8 +31,9 @@ export interface RunningAgent {
 export async function startAgent(
   extraArgs: string[] = [],
   env: NodeJS.ProcessEnv = {},
+  opts: { dir?: string } = {},
 ): Promise<RunningAgent> {
-  const dir = await mkdtemp(join(tmpdir(), "vmenv-agent-test-"));
+  const dir = opts.dir ?? (await mkdtemp(join(tmpdir(), "vmenv-agent-test-")));
   const socket = join(dir, "agent.sock");
   const proc = spawn(
     process.execPath,
@@ -70,15 +76,21 @@ export async function startAgent(
     address: "",
     proc,
     log: () => stderr,
+    kill: async () => undefined,
     stop: () =>
       (stopped ??= (async () => {
         if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
         const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
         const code = await exited;
         clearTimeout(t);
+        await killProcessesUnder(dir);
         await rm(dir, { recursive: true, force: true });
         return code;
       })()),
+  };
+  agent.kill = async () => {
+    proc.kill("SIGKILL");
+    await exited;
   };
   try {
     agent.address = await ready;
@@ -108,4 +120,30 @@ export function run(
       resolveRun({ code, stdout, stderr });
     });
   });
+}
+
+/** Pids of the processes whose command line mentions `dir` (the VMMs of an agent on that state). */
+export async function processesUnder(dir: string): Promise<number[]> {
+  const r = await run("pgrep", ["-f", dir]);
+  return r.stdout
+    .split("\n")
+    .filter(Boolean)
+    .map(Number)
+    .filter((p) => p !== process.pid);
+}
+
+/** SIGKILLs every process whose command line mentions `dir`, and waits until they are gone. */
+export async function killProcessesUnder(dir: string): Promise<void> {
+  for (let i = 0; i < 50; i++) {
+    const pids = await processesUnder(dir);
+    if (pids.length === 0) return;
+    for (const p of pids) {
+      try {
+        process.kill(p, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

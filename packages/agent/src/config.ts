@@ -16,6 +16,7 @@ export interface AgentConfig {
   qemuBinary: string | undefined;
   kvmProbeTimeoutMs: number;
   logLevel: LogLevel;
+  guestReadyPattern: string;
   shutdownGraceMs: number;
 }
 
@@ -148,6 +149,21 @@ const settings = [
     default: "3000",
     help: "how long the KVM probe guest may take before KVM is declared unusable",
     parse: int("--kvm-probe-timeout-ms", 100),
+  }),
+  s({
+    key: "guestReadyPattern",
+    flag: "--guest-ready-pattern <regexp>",
+    env: "VMENV_AGENT_GUEST_READY_PATTERN",
+    default: "VMENV-GUEST-READY",
+    help: "a serial console line matching this marks the guest ready (Vm.guest_ready_time)",
+    parse: (r) => {
+      try {
+        new RegExp(r);
+      } catch (e) {
+        throw new ConfigError(`--guest-ready-pattern is not a regular expression: ${(e as Error).message}`);
+      }
+      return r;
+    },
   }),
   s({
     key: "logLevel",

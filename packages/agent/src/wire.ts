@@ -1,18 +1,26 @@
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { BlockService, DiagnosticsService, GpuService, NetworkService, VmService } from "@vmenv/api/agent/v1";
+import { BlockService, GpuService, NetworkService } from "@vmenv/api/agent/v1";
 import {
   createLogger,
   type Logger,
   type RpcServer,
+  type ServiceBinding,
   serve,
   type TlsServerConfig,
   unimplementedService,
 } from "@vmenv/rpc";
 import type { AgentConfig } from "./config.js";
+import { Operations } from "./diagnostics/operations.js";
+import { diagnosticsService } from "./diagnostics/rpc.js";
+import { effectiveAccelerator } from "./host/accelerator.js";
 import { HostInventorySource, probeAccelerators } from "./host/index.js";
 import { hostService } from "./host/rpc.js";
 import { AGENT_VERSION } from "./version.js";
+import { VmManager } from "./vmm/manager.js";
+import { QemuDriver } from "./vmm/qemu/driver.js";
+import { packResult, vmService } from "./vmm/rpc.js";
+import { VmStore } from "./vmm/store.js";
 
 export interface Agent {
   logger: Logger;
@@ -51,6 +59,24 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   );
   await mkdir(join(config.stateDir, "tmp"), { recursive: true, mode: 0o700 });
 
+  const operations = new Operations(now);
+  const vms = new VmManager({
+    store: new VmStore(config.stateDir),
+    drivers: { qemu: new QemuDriver({ binary: async () => (await inventory.staticPart()).qemuPath }) },
+    operations,
+    logger,
+    effectiveAccelerator: async () => effectiveAccelerator(config.accelerator, await probes),
+    hostLimits: async () => {
+      const inv = await inventory.read();
+      return { cpus: inv.cpu.threads, memoryBytes: inv.memory.totalBytes };
+    },
+    guestReadyPattern: new RegExp(config.guestReadyPattern),
+    now,
+  });
+  // VM calls wait until the VMs of a previous agent have been found again.
+  let vmsReady: () => void = () => undefined;
+  const ready = new Promise<void>((resolve) => (vmsReady = resolve));
+
   const issue = (n: number, what: string) => `${what} arrives with issue #${n}`;
   const services = [
     hostService({
@@ -61,11 +87,11 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
       startTimeMs,
       now,
     }),
-    unimplementedService(VmService, issue(3, "the VM lifecycle on QEMU")),
+    gate(vmService(vms), ready),
     unimplementedService(BlockService, issue(4, "block storage")),
     unimplementedService(NetworkService, issue(4, "networking")),
     unimplementedService(GpuService, issue(5, "GPU passthrough")),
-    unimplementedService(DiagnosticsService, issue(5, "diagnostics")),
+    diagnosticsService(operations, packResult),
   ];
 
   let tls: TlsServerConfig | undefined;
@@ -84,6 +110,8 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     ...(config.listen ? { tcp: { ...config.listen, ...(tls ? { tls } : {}) } } : {}),
   });
   startProbes();
+  await vms.init();
+  vmsReady();
   logger.info(
     {
       version: AGENT_VERSION,
@@ -99,6 +127,28 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     stop: async () => {
       stopProbes.abort();
       await Promise.all([server.close(config.shutdownGraceMs), probesDone]);
+      // The VMs keep running: the next agent adopts them.
+      vms.detachAll();
     },
   };
+}
+
+/** Makes every method of `b` wait for `ready` first. */
+function gate(b: ServiceBinding, ready: Promise<void>): ServiceBinding {
+  const impl: Record<string, unknown> = {};
+  for (const m of b.service.methods) {
+    const f = b.impl[m.localName] as ((...a: unknown[]) => unknown) | undefined;
+    if (!f) continue;
+    impl[m.localName] =
+      m.methodKind === "server_streaming" || m.methodKind === "bidi_streaming"
+        ? async function* (...a: unknown[]) {
+            await ready;
+            yield* f(...a) as AsyncIterable<unknown>;
+          }
+        : async (...a: unknown[]) => {
+            await ready;
+            return f(...a);
+          };
+  }
+  return { service: b.service, impl: impl as ServiceBinding["impl"] };
 }

@@ -6,6 +6,7 @@ import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import { Command, Option } from "commander";
 import { describeError } from "./errors.js";
 import { hostInfoTable } from "./host.js";
+import { vmCommands } from "./vm.js";
 
 const CLI_VERSION = (
   JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version: string }
@@ -103,6 +104,8 @@ host
     const info = await createDaemonClient(HostService, clientConfig()).getHostInfo({});
     print(toJson(HostInfoSchema, info), () => hostInfoTable(info));
   });
+
+vmCommands(program, clientConfig, print);
 
 try {
   await program.parseAsync(process.argv);

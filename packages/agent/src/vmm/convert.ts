@@ -1,0 +1,151 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import {
+  AcceleratorKind,
+  type Vm,
+  VmmKind,
+  VmRestartPolicy,
+  VmSchema,
+  type VmSpec as VmSpecPb,
+  VmState as VmStatePb,
+} from "@vmenv/api/agent/v1";
+import { invalidArgument, unimplemented } from "@vmenv/rpc/errors";
+import type { RestartPolicy, VmRecord, VmSpec, VmState } from "./domain.js";
+
+const states: Record<VmState, VmStatePb> = {
+  creating: VmStatePb.CREATING,
+  stopped: VmStatePb.STOPPED,
+  starting: VmStatePb.STARTING,
+  running: VmStatePb.RUNNING,
+  paused: VmStatePb.PAUSED,
+  stopping: VmStatePb.STOPPING,
+  crashed: VmStatePb.CRASHED,
+  deleting: VmStatePb.DELETING,
+};
+
+export function toPbState(s: VmState): VmStatePb {
+  return states[s];
+}
+
+export function fromPbState(s: VmStatePb): VmState | undefined {
+  return (Object.keys(states) as VmState[]).find((k) => states[k] === s);
+}
+
+const policies: Record<RestartPolicy, VmRestartPolicy> = {
+  never: VmRestartPolicy.NEVER,
+  "on-crash": VmRestartPolicy.ON_CRASH,
+  always: VmRestartPolicy.ALWAYS,
+};
+
+export function fromPbRestartPolicy(p: VmRestartPolicy): RestartPolicy {
+  return (Object.keys(policies) as RestartPolicy[]).find((k) => policies[k] === p) ?? "never";
+}
+
+/** The API's VmSpec → the domain's, defaults filled in; INVALID_ARGUMENT naming the field when it cannot be. */
+export function fromPbSpec(s: VmSpecPb | undefined): VmSpec {
+  if (!s) throw invalidArgument("vm.spec", "is required");
+  if (s.disks.length > 0)
+    throw unimplemented("vm.spec.disks", "disks arrive with the block service (issue #4)");
+  if (s.nics.length > 0)
+    throw unimplemented("vm.spec.nics", "NICs arrive with the network service (issue #4)");
+  if (s.gpus.length > 0)
+    throw unimplemented("vm.spec.gpus", "GPU passthrough arrives with the GPU service (issue #5)");
+  if (s.hugepageSizeBytes !== 0n)
+    throw unimplemented("vm.spec.hugepage_size_bytes", "huge pages arrive with capacity (issue #5)");
+  if ((s.pinning?.numaNodes.length ?? 0) > 0 || (s.pinning?.vcpuPins.length ?? 0) > 0) {
+    throw unimplemented("vm.spec.pinning", "NUMA and per-vCPU pinning arrive with capacity (issue #5)");
+  }
+  const b = s.boot?.method;
+  let boot: VmSpec["boot"];
+  if (b?.case === "directKernel") {
+    if (!b.value.kernelPath) throw invalidArgument("vm.spec.boot.direct_kernel.kernel_path", "is required");
+    boot = {
+      kind: "kernel",
+      kernelPath: b.value.kernelPath,
+      initrdPath: b.value.initrdPath || undefined,
+      cmdline: b.value.cmdline,
+    };
+  } else if (b?.case === "disk") {
+    throw unimplemented("vm.spec.boot.disk", "booting from a disk arrives with the block service (issue #4)");
+  } else {
+    throw invalidArgument("vm.spec.boot", "set direct_kernel (or disk)");
+  }
+  const vmm = s.vmm === VmmKind.CLOUD_HYPERVISOR ? "cloud-hypervisor" : "qemu";
+  return {
+    vmm,
+    accelerator:
+      s.accelerator === AcceleratorKind.KVM
+        ? "kvm"
+        : s.accelerator === AcceleratorKind.TCG
+          ? "tcg"
+          : undefined,
+    vcpus: s.vcpus,
+    maxVcpus: s.maxVcpus || s.vcpus,
+    memoryBytes: s.memoryBytes,
+    maxMemoryBytes: s.maxMemoryBytes || s.memoryBytes,
+    hostCpus: [...(s.pinning?.hostCpus ?? [])],
+    boot,
+  };
+}
+
+function toPbSpec(s: VmSpec) {
+  return {
+    vmm: s.vmm === "cloud-hypervisor" ? VmmKind.CLOUD_HYPERVISOR : VmmKind.QEMU,
+    accelerator:
+      s.accelerator === "kvm"
+        ? AcceleratorKind.KVM
+        : s.accelerator === "tcg"
+          ? AcceleratorKind.TCG
+          : AcceleratorKind.UNSPECIFIED,
+    vcpus: s.vcpus,
+    maxVcpus: s.maxVcpus,
+    memoryBytes: s.memoryBytes,
+    maxMemoryBytes: s.maxMemoryBytes,
+    ...(s.hostCpus.length > 0 ? { pinning: { hostCpus: s.hostCpus } } : {}),
+    boot:
+      s.boot.kind === "kernel"
+        ? {
+            method: {
+              case: "directKernel" as const,
+              value: {
+                kernelPath: s.boot.kernelPath,
+                initrdPath: s.boot.initrdPath ?? "",
+                cmdline: s.boot.cmdline,
+              },
+            },
+          }
+        : {
+            method: {
+              case: "disk" as const,
+              value: { diskId: s.boot.diskId, firmwarePath: s.boot.firmwarePath ?? "" },
+            },
+          },
+  };
+}
+
+/** The domain's record → the API's Vm. */
+export function toPbVm(r: VmRecord): Vm {
+  const ts = (ms: number | undefined) => (ms === undefined ? undefined : timestampFromMs(ms));
+  return create(VmSchema, {
+    name: `vms/${r.id}`,
+    spec: toPbSpec(r.spec),
+    labels: r.labels,
+    restartPolicy: policies[r.restartPolicy],
+    state: states[r.state],
+    stateMessage: r.stateMessage,
+    vmm: r.spec.vmm === "cloud-hypervisor" ? VmmKind.CLOUD_HYPERVISOR : VmmKind.QEMU,
+    accelerator:
+      r.accelerator === "kvm"
+        ? AcceleratorKind.KVM
+        : r.accelerator === "tcg"
+          ? AcceleratorKind.TCG
+          : AcceleratorKind.UNSPECIFIED,
+    pid: r.pid ?? 0,
+    restartCount: r.restartCount,
+    createTime: ts(r.createTimeMs),
+    updateTime: ts(r.updateTimeMs),
+    startTime: ts(r.startTimeMs),
+    guestReadyTime: ts(r.guestReadyTimeMs),
+    etag: `"${r.generation}"`,
+  });
+}

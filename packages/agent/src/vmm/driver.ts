@@ -1,0 +1,61 @@
+import type { EventEmitter } from "node:events";
+import type { Accelerator, VmmKind, VmSpec } from "./domain.js";
+
+/** Where one VM's files live: everything the agent needs to find its VMM again after a restart. */
+export interface VmPaths {
+  dir: string;
+  /** The agent's record of the VM. */
+  record: string;
+  /** VMM control socket (QMP for QEMU, the REST API for cloud-hypervisor). */
+  control: string;
+  /** Serial console socket (input and live output). */
+  serialSocket: string;
+  /** Everything the serial console printed, appended by the VMM itself. */
+  serialLog: string;
+  /** The VMM's pid. */
+  pidFile: string;
+}
+
+export interface LaunchRequest {
+  id: string;
+  spec: VmSpec;
+  accelerator: Accelerator;
+  paths: VmPaths;
+  /** Start with vCPUs stopped. */
+  paused: boolean;
+}
+
+/** Why a VMM process ended, as far as its control channel told. */
+export type ExitCause = "guest-shutdown" | "host-request" | "unknown";
+
+/** A running VMM process the agent holds a control connection to. */
+export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: []; stop: []; resume: [] }> {
+  readonly pid: number;
+  /** "running" or "paused" (vCPUs stopped), as the VMM reports it. */
+  status(): Promise<"running" | "paused">;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  /** Hard reset of the guest (same process). */
+  reset(): Promise<void>;
+  /** ACPI power button: the guest decides to shut down. */
+  powerdown(): Promise<void>;
+  /** Ends the VMM process now (its guest gets no say), waiting until it is gone. */
+  kill(): Promise<void>;
+  /** Resolves when the process has exited. */
+  exited(): Promise<ExitCause>;
+  /** Closes the agent's control connection; the VMM keeps running. */
+  detach(): void;
+  /** Debugging passthrough to the VMM's own protocol (QMP for QEMU). */
+  passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown>;
+}
+
+/** A VMM implementation: QEMU, cloud-hypervisor. */
+export interface VmmDriver {
+  readonly kind: VmmKind;
+  /** Whether this host can run it, and why not. */
+  availability(): Promise<{ available: true } | { available: false; reason: string }>;
+  /** Starts the VMM detached (it outlives the agent) and connects to it. */
+  launch(req: LaunchRequest, signal?: AbortSignal): Promise<RunningVmm>;
+  /** Reconnects to a VMM a previous agent started; undefined when it is not running any more. */
+  adopt(paths: VmPaths, pid: number): Promise<RunningVmm | undefined>;
+}

@@ -1,0 +1,554 @@
+import { EventEmitter } from "node:events";
+import { access, constants, readFile } from "node:fs/promises";
+import { alreadyExists, failedPrecondition, invalidArgument, notFound, VmenvError } from "@vmenv/rpc/errors";
+import type { Logger } from "pino";
+import type { OperationRecord, Operations } from "../diagnostics/operations.js";
+import { ConsoleTap } from "./console.js";
+import {
+  type Accelerator,
+  checkTransition,
+  checkVmId,
+  type HostLimits,
+  type RestartPolicy,
+  sameSpec,
+  type VmmKind,
+  type VmRecord,
+  type VmSpec,
+  type VmState,
+  validateSpec,
+} from "./domain.js";
+import type { ExitCause, RunningVmm, VmmDriver } from "./driver.js";
+import type { VmStore } from "./store.js";
+
+export interface VmManagerDeps {
+  store: VmStore;
+  drivers: Partial<Record<VmmKind, VmmDriver>>;
+  operations: Operations;
+  logger: Logger;
+  /** The accelerator VMs get when their spec does not name one. */
+  effectiveAccelerator: () => Promise<Accelerator>;
+  hostLimits: () => Promise<HostLimits>;
+  /** A console line matching this means the guest is up. */
+  guestReadyPattern: RegExp;
+  now?: () => number;
+  /** Default graceful stop timeout. */
+  stopTimeoutMs?: number;
+}
+
+/** A change the Watch stream reports. */
+export interface VmChange {
+  type: "created" | "updated" | "deleted";
+  vm: VmRecord;
+  seq: number;
+  timeMs: number;
+}
+
+interface Entry {
+  record: VmRecord;
+  vmm: RunningVmm | undefined;
+  console: ConsoleTap | undefined;
+  /** Serialises actions on this VM. */
+  lock: Promise<unknown>;
+  /** Set while the agent itself stops the VMM, so its exit is not a crash. */
+  stopping: boolean;
+}
+
+/**
+ * The VMs of this agent: their lifecycle, their VMM processes, and what the agent finds again after
+ * a restart. Every action on one VM is serialised; every mutation is written to the VM's folder before it
+ * is reported.
+ */
+export class VmManager extends EventEmitter<{ change: [VmChange] }> {
+  readonly #vms = new Map<string, Entry>();
+  readonly #now: () => number;
+  #seq = 0;
+  /** Recent changes, for Watch resume tokens. */
+  readonly history: VmChange[] = [];
+
+  constructor(private readonly d: VmManagerDeps) {
+    super();
+    this.setMaxListeners(0);
+    this.#now = d.now ?? Date.now;
+  }
+
+  get seq(): number {
+    return this.#seq;
+  }
+
+  // ---- queries -------------------------------------------------------------------------------
+
+  get(id: string): VmRecord {
+    const e = this.#vms.get(id);
+    if (!e) throw notFound("vm", `vms/${id}`);
+    return e.record;
+  }
+
+  list(): VmRecord[] {
+    return [...this.#vms.values()].map((e) => e.record).sort((a, b) => a.id.localeCompare(b.id));
+  }
+
+  /** The running VMM of a VM, for console and passthrough. */
+  vmm(id: string): RunningVmm {
+    const e = this.#entry(id);
+    if (!e.vmm) throw failedPrecondition(`vms/${id} is not running`, "VM_NOT_RUNNING", { vm: `vms/${id}` });
+    return e.vmm;
+  }
+
+  /** The VM's serial console log. */
+  logPath(id: string): string {
+    return this.d.store.paths(id).serialLog;
+  }
+
+  consoleTap(id: string): ConsoleTap | undefined {
+    return this.#entry(id).console;
+  }
+
+  // ---- mutations -----------------------------------------------------------------------------
+
+  /**
+   * Creates a VM (and boots it when `start`). Idempotent: the same id and spec again returns the VM
+   * as it is; a different spec is ALREADY_EXISTS. Nothing is left behind when it fails.
+   */
+  async create(
+    id: string,
+    spec: VmSpec,
+    opts: {
+      labels: Record<string, string>;
+      restartPolicy: RestartPolicy;
+      start: boolean;
+      requestId?: string;
+    },
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(opts.requestId);
+    if (replay) return replay;
+    checkVmId(id);
+    // Creates of one id are serialised: the second sees the first's VM (and is a NOOP or a conflict).
+    const previous = this.#creating.get(id);
+    const mine = (previous ?? Promise.resolve()).then(() => this.#create(id, spec, opts));
+    const settled = mine.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.#creating.set(id, settled);
+    void settled.then(() => {
+      if (this.#creating.get(id) === settled) this.#creating.delete(id);
+    });
+    return mine;
+  }
+
+  readonly #creating = new Map<string, Promise<void>>();
+
+  async #create(
+    id: string,
+    spec: VmSpec,
+    opts: { labels: Record<string, string>; restartPolicy: RestartPolicy; start: boolean; requestId?: string },
+  ): Promise<OperationRecord> {
+    const existing = this.#vms.get(id);
+    if (existing) {
+      if (!sameSpec(existing.record.spec, spec)) throw alreadyExists("vm", `vms/${id}`);
+      return this.d.operations.done("vm.create", `vms/${id}`, existing.record, opts.requestId);
+    }
+    validateSpec(spec, await this.d.hostLimits());
+    const driver = await this.#driver(spec.vmm);
+    await this.#checkFiles(spec);
+    const t = this.#now();
+    const record: VmRecord = {
+      id,
+      spec,
+      labels: opts.labels,
+      restartPolicy: opts.restartPolicy,
+      state: "creating",
+      stateMessage: "",
+      accelerator: undefined,
+      pid: undefined,
+      restartCount: 0,
+      createTimeMs: t,
+      updateTimeMs: t,
+      startTimeMs: undefined,
+      guestReadyTimeMs: undefined,
+      generation: 1,
+    };
+    const entry: Entry = {
+      record,
+      vmm: undefined,
+      console: undefined,
+      lock: Promise.resolve(),
+      stopping: false,
+    };
+    this.#vms.set(id, entry);
+    await this.d.store.save(record);
+    this.#emit("created", record);
+    return this.d.operations.start(
+      "vm.create",
+      `vms/${id}`,
+      (op) =>
+        this.#locked(entry, async () => {
+          try {
+            if (opts.start) {
+              op.progress(10, "starting the VMM");
+              await this.#launch(entry, driver, false);
+            } else {
+              await this.#set(entry, { state: "stopped" });
+            }
+            return entry.record;
+          } catch (err) {
+            // Nothing half-created stays: the VMM (if any) is gone, and so is the folder.
+            await entry.vmm?.kill().catch(() => undefined);
+            this.#vms.delete(id);
+            await this.d.store.remove(id);
+            this.#emit("deleted", entry.record);
+            throw err;
+          }
+        }),
+      opts.requestId ? { requestId: opts.requestId } : {},
+    );
+  }
+
+  async start(id: string, opts: { paused?: boolean; requestId?: string } = {}): Promise<OperationRecord> {
+    return this.#action(id, "start", opts.requestId, async (e) => {
+      await this.#launch(e, await this.#driver(e.record.spec.vmm), opts.paused ?? false);
+    });
+  }
+
+  async stop(
+    id: string,
+    opts: { force?: boolean; timeoutMs?: number; requestId?: string } = {},
+  ): Promise<OperationRecord> {
+    return this.#action(id, "stop", opts.requestId, (e) =>
+      this.#stop(e, opts.force ?? false, opts.timeoutMs),
+    );
+  }
+
+  async reboot(
+    id: string,
+    opts: { force?: boolean; timeoutMs?: number; requestId?: string } = {},
+  ): Promise<OperationRecord> {
+    return this.#action(id, "reboot", opts.requestId, async (e) => {
+      if (opts.force) {
+        await e.vmm?.reset();
+        await this.#set(e, { guestReadyTimeMs: undefined, state: "running", stateMessage: "reset" });
+        return;
+      }
+      // A graceful reboot is a graceful stop and a fresh start: the guest shuts down cleanly and the new
+      // VMM starts from the spec as it is now.
+      await this.#stop(e, false, opts.timeoutMs);
+      await this.#launch(e, await this.#driver(e.record.spec.vmm), false);
+    });
+  }
+
+  async pause(id: string): Promise<VmRecord> {
+    const e = this.#entry(id);
+    return this.#locked(e, async () => {
+      if (checkTransition(id, e.record.state, "pause") === "act") {
+        await e.vmm?.pause();
+        await this.#set(e, { state: "paused" });
+      }
+      return e.record;
+    });
+  }
+
+  async resume(id: string): Promise<VmRecord> {
+    const e = this.#entry(id);
+    return this.#locked(e, async () => {
+      if (checkTransition(id, e.record.state, "resume") === "act") {
+        await e.vmm?.resume();
+        await this.#set(e, { state: "running" });
+      }
+      return e.record;
+    });
+  }
+
+  async delete(
+    id: string,
+    opts: { force?: boolean; allowMissing?: boolean; requestId?: string } = {},
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(opts.requestId);
+    if (replay) return replay;
+    const e = this.#vms.get(id);
+    if (!e) {
+      if (opts.allowMissing)
+        return this.d.operations.done("vm.delete", `vms/${id}`, undefined, opts.requestId);
+      throw notFound("vm", `vms/${id}`);
+    }
+    if (!opts.force && (e.vmm || ["running", "paused", "starting", "stopping"].includes(e.record.state))) {
+      throw failedPrecondition(
+        `vms/${id} is ${e.record.state}: stop it first, or delete with force`,
+        "VM_RUNNING",
+        {
+          vm: `vms/${id}`,
+        },
+      );
+    }
+    return this.d.operations.start(
+      "vm.delete",
+      `vms/${id}`,
+      () =>
+        this.#locked(e, async () => {
+          await this.#set(e, { state: "deleting" });
+          e.stopping = true;
+          await e.vmm?.kill();
+          this.#release(e);
+          this.#vms.delete(id);
+          await this.d.store.remove(id);
+          this.#emit("deleted", e.record);
+          return undefined;
+        }),
+      opts.requestId ? { requestId: opts.requestId } : {},
+    );
+  }
+
+  // ---- start-up and shut-down ------------------------------------------------------------------
+
+  /**
+   * Finds every VM again from its folder: a live VMM is re-adopted, a dead one makes its VM crashed (and
+   * restarted when its policy says so), a create cut short is cleaned.
+   */
+  async init(): Promise<void> {
+    for (const { id, record } of await this.d.store.loadAll()) {
+      const paths = this.d.store.paths(id);
+      const pid = record?.pid ?? (await readPid(paths.pidFile));
+      const driver = this.d.drivers[record?.spec.vmm ?? "qemu"];
+      const vmm =
+        pid !== undefined && driver ? await driver.adopt(paths, pid).catch(() => undefined) : undefined;
+      if (!record || record.state === "deleting") {
+        await vmm?.kill();
+        await this.d.store.remove(id);
+        this.d.logger.info(
+          { vm: `vms/${id}` },
+          record ? "finished an interrupted delete" : "removed a half-created VM",
+        );
+        continue;
+      }
+      const entry: Entry = {
+        record,
+        vmm: undefined,
+        console: undefined,
+        lock: Promise.resolve(),
+        stopping: false,
+      };
+      this.#vms.set(id, entry);
+      if (vmm) {
+        this.#attach(entry, vmm);
+        const status = await vmm.status();
+        await this.#set(entry, {
+          state: status,
+          pid: vmm.pid,
+          stateMessage: "re-adopted after agent restart",
+        });
+        this.d.logger.info({ vm: `vms/${id}`, pid: vmm.pid }, "re-adopted VM");
+      } else if (record.state === "creating") {
+        await this.d.store.remove(id);
+        this.#vms.delete(id);
+        this.d.logger.info({ vm: `vms/${id}` }, "removed a VM whose create was cut short");
+      } else if (["running", "paused", "starting", "stopping"].includes(record.state)) {
+        const crashed = record.state !== "stopping";
+        await this.#set(entry, {
+          state: crashed ? "crashed" : "stopped",
+          pid: undefined,
+          stateMessage: crashed ? "its VMM was gone when the agent started" : "",
+        });
+        if (crashed) this.#maybeRestart(entry, "unknown");
+      }
+    }
+  }
+
+  /** Lets go of every VMM (they keep running) and console; the agent is stopping. */
+  detachAll(): void {
+    for (const e of this.#vms.values()) {
+      e.vmm?.detach();
+      e.console?.close();
+    }
+  }
+
+  // ---- internals ---------------------------------------------------------------------------
+
+  #entry(id: string): Entry {
+    const e = this.#vms.get(id);
+    if (!e) throw notFound("vm", `vms/${id}`);
+    return e;
+  }
+
+  async #driver(kind: VmmKind): Promise<VmmDriver> {
+    const driver = this.d.drivers[kind];
+    const a = driver
+      ? await driver.availability()
+      : { available: false as const, reason: "no driver is built in" };
+    if (!driver || !a.available) {
+      throw new VmenvError(
+        "failed-precondition",
+        `the ${kind} VMM is not available on this host: ${"reason" in a ? a.reason : ""}`,
+        {
+          reason: "VMM_UNAVAILABLE",
+          metadata: { vmm: kind },
+        },
+      );
+    }
+    return driver;
+  }
+
+  async #checkFiles(spec: VmSpec): Promise<void> {
+    if (spec.boot.kind !== "kernel") return;
+    const files: [string, string | undefined][] = [
+      ["vm.spec.boot.direct_kernel.kernel_path", spec.boot.kernelPath],
+      ["vm.spec.boot.direct_kernel.initrd_path", spec.boot.initrdPath],
+    ];
+    for (const [field, path] of files) {
+      if (path === undefined) continue;
+      await access(path, constants.R_OK).catch(() => {
+        throw invalidArgument(field, `${path}: no such readable file on this host`, "FILE_NOT_FOUND");
+      });
+    }
+  }
+
+  #locked<T>(e: Entry, fn: () => Promise<T>): Promise<T> {
+    const run = e.lock.then(fn, fn);
+    e.lock = run.catch(() => undefined);
+    return run;
+  }
+
+  async #action(
+    id: string,
+    action: "start" | "stop" | "reboot",
+    requestId: string | undefined,
+    act: (e: Entry) => Promise<void>,
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(requestId);
+    if (replay) return replay;
+    const e = this.#entry(id);
+    // Checked now, so that a wrong state is an error of the call, not of its operation.
+    if (checkTransition(id, e.record.state, action) === "noop") {
+      return this.d.operations.done(`vm.${action}`, `vms/${id}`, e.record, requestId);
+    }
+    return this.d.operations.start(
+      `vm.${action}`,
+      `vms/${id}`,
+      () =>
+        this.#locked(e, async () => {
+          if (checkTransition(id, e.record.state, action) === "act") await act(e);
+          return e.record;
+        }),
+      requestId ? { requestId } : {},
+    );
+  }
+
+  async #launch(e: Entry, driver: VmmDriver, paused: boolean): Promise<void> {
+    const accelerator = e.record.spec.accelerator ?? (await this.d.effectiveAccelerator());
+    await this.#set(e, { state: "starting", stateMessage: "", guestReadyTimeMs: undefined });
+    try {
+      const vmm = await driver.launch({
+        id: e.record.id,
+        spec: e.record.spec,
+        accelerator,
+        paths: this.d.store.paths(e.record.id),
+        paused,
+      });
+      this.#attach(e, vmm);
+      await this.#set(e, {
+        state: paused ? "paused" : "running",
+        pid: vmm.pid,
+        accelerator,
+        startTimeMs: this.#now(),
+      });
+    } catch (err) {
+      await this.#set(e, { state: "stopped", pid: undefined, stateMessage: (err as Error).message });
+      throw err;
+    }
+  }
+
+  /** Watches a VMM: its exit (stop, guest poweroff or crash) and its console. */
+  #attach(e: Entry, vmm: RunningVmm): void {
+    e.vmm = vmm;
+    e.stopping = false;
+    e.console?.close();
+    e.console = new ConsoleTap(this.d.store.paths(e.record.id).serialSocket, this.d.guestReadyPattern);
+    e.console.on("ready", () => {
+      void this.#set(e, { guestReadyTimeMs: this.#now(), stateMessage: "guest ready" });
+    });
+    vmm.on("reset", () => {
+      void this.#set(e, { guestReadyTimeMs: undefined, stateMessage: "guest reset" });
+    });
+    vmm.on("stop", () => {
+      if (e.record.state === "running") void this.#set(e, { state: "paused" });
+    });
+    vmm.on("resume", () => {
+      if (e.record.state === "paused") void this.#set(e, { state: "running" });
+    });
+    vmm.once("exit", (cause) => {
+      if (e.vmm !== vmm) return;
+      this.#release(e);
+      if (e.stopping || this.#vms.get(e.record.id) !== e) return;
+      const crashed = cause !== "guest-shutdown";
+      void this.#set(e, {
+        state: crashed ? "crashed" : "stopped",
+        pid: undefined,
+        stateMessage: crashed ? "the VMM process ended without being asked to" : "the guest powered off",
+      }).then(() => this.#maybeRestart(e, cause));
+    });
+  }
+
+  #release(e: Entry): void {
+    e.vmm = undefined;
+    e.console?.close();
+    e.console = undefined;
+  }
+
+  #maybeRestart(e: Entry, cause: ExitCause): void {
+    const p = e.record.restartPolicy;
+    const restart = p === "always" || (p === "on-crash" && cause !== "guest-shutdown");
+    if (!restart) return;
+    void this.#locked(e, async () => {
+      if (e.vmm || !["crashed", "stopped"].includes(e.record.state) || !this.#vms.has(e.record.id)) return;
+      await this.#set(e, { restartCount: e.record.restartCount + 1 });
+      this.d.logger.warn(
+        { vm: `vms/${e.record.id}`, restartCount: e.record.restartCount, policy: p },
+        "restarting VM",
+      );
+      await this.#launch(e, await this.#driver(e.record.spec.vmm), false);
+    }).catch((err: unknown) => this.d.logger.error({ err, vm: `vms/${e.record.id}` }, "restart failed"));
+  }
+
+  async #stop(e: Entry, force: boolean, timeoutMs: number | undefined): Promise<void> {
+    const vmm = e.vmm;
+    e.stopping = true;
+    await this.#set(e, { state: "stopping" });
+    if (vmm) {
+      let gone = false;
+      if (!force) {
+        await vmm.powerdown().catch(() => undefined);
+        const limit = timeoutMs ?? this.d.stopTimeoutMs ?? 60_000;
+        gone = await Promise.race([vmm.exited().then(() => true), sleep(limit).then(() => false)]);
+      }
+      if (!gone) await vmm.kill();
+    }
+    this.#release(e);
+    await this.#set(e, { state: "stopped", pid: undefined, stateMessage: force ? "powered off" : "stopped" });
+  }
+
+  async #set(e: Entry, patch: Partial<VmRecord>): Promise<void> {
+    const next: VmRecord = {
+      ...e.record,
+      ...patch,
+      updateTimeMs: this.#now(),
+      generation: e.record.generation + 1,
+    };
+    e.record = next;
+    if (this.#vms.get(next.id) === e) await this.d.store.save(next);
+    this.#emit("updated", next);
+  }
+
+  #emit(type: VmChange["type"], vm: VmRecord): void {
+    const c: VmChange = { type, vm, seq: ++this.#seq, timeMs: this.#now() };
+    this.history.push(c);
+    if (this.history.length > 1000) this.history.splice(0, this.history.length - 1000);
+    this.emit("change", c);
+  }
+}
+
+async function readPid(path: string): Promise<number | undefined> {
+  const n = Number((await readFile(path, "utf8").catch(() => "")).trim());
+  return Number.isInteger(n) && n > 0 ? n : undefined;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
+
+export type { VmState };

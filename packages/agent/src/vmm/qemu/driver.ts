@@ -1,0 +1,184 @@
+import { EventEmitter } from "node:events";
+import { readFileSync } from "node:fs";
+import { readFile, rm } from "node:fs/promises";
+import { setTimeout as delay } from "node:timers/promises";
+import { VmenvError } from "@vmenv/rpc/errors";
+import { execa } from "execa";
+import type { ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import { qemuArgs } from "./cmdline.js";
+import { QmpClient, type QmpEvent } from "./qmp.js";
+
+/**
+ * Whether a process with this pid runs. A zombie does not: a daemonized QEMU is init's child, and the
+ * pid 1 of a container or micro-VM may be slow to reap it.
+ */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  try {
+    // /proc/<pid>/stat: "pid (comm) S …"; comm may contain spaces and parentheses.
+    const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
+}
+
+/** The process name QEMU gives itself (`-name …,process=vmenv-<id>`), to tell our QEMU from a reused pid. */
+async function commOf(pid: number): Promise<string | undefined> {
+  return readFile(`/proc/${pid}/comm`, "utf8").then(
+    (s) => s.trim(),
+    () => undefined,
+  );
+}
+
+export interface QemuDriverOptions {
+  /** qemu-system-* binary; undefined when none was found. */
+  binary: () => Promise<string | undefined>;
+}
+
+/** The QEMU driver: a daemonized qemu-system process per VM, driven over QMP. */
+export class QemuDriver implements VmmDriver {
+  readonly kind = "qemu" as const;
+  constructor(private readonly opts: QemuDriverOptions) {}
+
+  async availability() {
+    const b = await this.opts.binary();
+    return b
+      ? ({ available: true } as const)
+      : ({ available: false, reason: "no qemu-system binary found on this host" } as const);
+  }
+
+  async launch(req: LaunchRequest, signal?: AbortSignal): Promise<RunningVmm> {
+    const binary = await this.opts.binary();
+    if (!binary) {
+      throw new VmenvError("failed-precondition", "QEMU is not available on this host", {
+        reason: "VMM_UNAVAILABLE",
+        metadata: { vmm: "qemu" },
+      });
+    }
+    await Promise.all(
+      [req.paths.control, req.paths.serialSocket, req.paths.pidFile].map((p) => rm(p, { force: true })),
+    );
+    // With -daemonize the first process exits once QEMU is set up: its exit status and stderr say
+    // whether the command line worked. The daemon itself is nobody's child and outlives the agent.
+    const r = await execa(binary, qemuArgs(req), {
+      reject: false,
+      timeout: 30_000,
+      cancelSignal: signal,
+      stdin: "ignore",
+    });
+    if (r.exitCode !== 0) {
+      const msg =
+        (r.stderr || r.stdout || `exit ${r.exitCode ?? r.signal}`).split("\n").find((l) => l.trim()) ?? "";
+      throw new VmenvError(
+        "failed-precondition",
+        `QEMU did not start: ${msg.replace(/^qemu-system-\w+: /, "")}`,
+        {
+          reason: "VMM_START_FAILED",
+          metadata: { vm: `vms/${req.id}` },
+        },
+      );
+    }
+    const pid = Number((await readFile(req.paths.pidFile, "utf8")).trim());
+    const vmm = await QemuVmm.connect(req.paths, pid);
+    if (!vmm) throw new Error(`QEMU for vms/${req.id} exited right after it started`);
+    return vmm;
+  }
+
+  async adopt(paths: VmPaths, pid: number): Promise<RunningVmm | undefined> {
+    if (!alive(pid)) return undefined;
+    const comm = await commOf(pid);
+    if (comm !== undefined && !comm.startsWith("vmenv-") && !comm.startsWith("qemu")) return undefined; // pid reused
+    return QemuVmm.connect(paths, pid);
+  }
+}
+
+class QemuVmm
+  extends EventEmitter<{ exit: [ExitCause]; reset: []; stop: []; resume: [] }>
+  implements RunningVmm
+{
+  #exit: Promise<ExitCause>;
+  #cause: ExitCause = "unknown";
+  #detached = false;
+
+  private constructor(
+    readonly pid: number,
+    private readonly qmp: QmpClient,
+  ) {
+    super();
+    qmp.on("event", (e: QmpEvent) => {
+      if (e.event === "SHUTDOWN") this.#cause = e.data.guest === true ? "guest-shutdown" : "host-request";
+      else if (e.event === "RESET") this.emit("reset");
+      else if (e.event === "STOP") this.emit("stop");
+      else if (e.event === "RESUME") this.emit("resume");
+    });
+    this.#exit = new Promise((resolve) => {
+      qmp.once("close", () => {
+        void (async () => {
+          // The monitor closes when QEMU exits; wait for the process to be gone too.
+          for (let i = 0; i < 100 && alive(this.pid); i++) await delay(20);
+          if (!this.#detached) this.emit("exit", this.#cause);
+          resolve(this.#cause);
+        })();
+      });
+    });
+  }
+
+  static async connect(paths: VmPaths, pid: number): Promise<QemuVmm | undefined> {
+    let lastErr: unknown;
+    for (let i = 0; i < 50; i++) {
+      if (!alive(pid)) return undefined;
+      try {
+        return new QemuVmm(pid, await QmpClient.connect(paths.control, { timeoutMs: 5000 }));
+      } catch (e) {
+        lastErr = e;
+        await delay(50);
+      }
+    }
+    throw new Error(`cannot reach QEMU ${pid} over QMP: ${(lastErr as Error)?.message}`);
+  }
+
+  async status(): Promise<"running" | "paused"> {
+    const s = await this.qmp.execute<{ running: boolean; status: string }>("query-status");
+    return s.running ? "running" : "paused";
+  }
+  async pause() {
+    await this.qmp.execute("stop");
+  }
+  async resume() {
+    await this.qmp.execute("cont");
+  }
+  async reset() {
+    await this.qmp.execute("system_reset");
+  }
+  async powerdown() {
+    await this.qmp.execute("system_powerdown");
+  }
+  async kill(): Promise<void> {
+    this.#cause = "host-request";
+    try {
+      await this.qmp.execute("quit", undefined, { timeoutMs: 3000 });
+    } catch {
+      // the monitor went away, or QEMU is stuck: the signal below settles it
+    }
+    const gone = await Promise.race([this.#exit.then(() => true), delay(3000).then(() => false)]);
+    if (!gone && alive(this.pid)) {
+      process.kill(this.pid, "SIGKILL");
+      await this.#exit;
+    }
+  }
+  exited(): Promise<ExitCause> {
+    return this.#exit;
+  }
+  detach(): void {
+    this.#detached = true;
+    this.qmp.close();
+  }
+  passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown> {
+    return this.qmp.execute(command, args);
+  }
+}

@@ -1,0 +1,241 @@
+import { fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { anyPack, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { VmSchema, VmService, WatchEventType } from "@vmenv/api/agent/v1";
+import {
+  bind,
+  failedPrecondition,
+  invalidArgument,
+  type ServiceBinding,
+  unimplemented,
+  VmenvError,
+} from "@vmenv/rpc";
+import { toPbOperation } from "../diagnostics/convert.js";
+import { readConsole } from "./console.js";
+import { fromPbRestartPolicy, fromPbSpec, fromPbState, toPbVm } from "./convert.js";
+import { checkVmId, type VmRecord, vmIdFromName } from "./domain.js";
+import type { VmChange, VmManager } from "./manager.js";
+
+/** Packs an operation's result for the API: a VM record becomes a Vm. */
+export function packResult(r: unknown) {
+  return r !== null && typeof r === "object" && "spec" in r && "id" in r
+    ? anyPack(VmSchema, toPbVm(r as VmRecord))
+    : undefined;
+}
+
+const ms = (d: { seconds: bigint; nanos: number } | undefined) =>
+  d ? Number(d.seconds) * 1000 + d.nanos / 1e6 : undefined;
+
+/** Watch: how many changes a watcher may fall behind before it is cut off. */
+const WATCH_QUEUE = 256;
+
+/** VmService: check, convert, call the manager, convert back. */
+export function vmService(m: VmManager): ServiceBinding {
+  const later = (method: string) => () => {
+    throw unimplemented(`vmenv.agent.v1.VmService/${method}`, "arrives with a later increment of issue #3");
+  };
+  const op = (o: Parameters<typeof toPbOperation>[0]) => toPbOperation(o, packResult);
+  const matches = (vm: VmRecord, states: Set<string>, labels: Record<string, string>) =>
+    (states.size === 0 || states.has(vm.state)) &&
+    Object.entries(labels).every(([k, v]) => vm.labels[k] === v);
+  const stateSet = (s: number[]) => new Set(s.map((x) => fromPbState(x)).filter((x) => x !== undefined));
+
+  return bind(VmService, {
+    async createVm(req) {
+      checkVmId(req.vmId);
+      if (!req.vm) throw invalidArgument("vm", "is required");
+      const spec = fromPbSpec(req.vm.spec);
+      return op(
+        await m.create(req.vmId, spec, {
+          labels: { ...req.vm.labels },
+          restartPolicy: fromPbRestartPolicy(req.vm.restartPolicy),
+          start: req.start,
+          requestId: req.requestId,
+        }),
+      );
+    },
+    getVm(req) {
+      return toPbVm(m.get(vmIdFromName(req.name)));
+    },
+    listVms(req) {
+      if (req.filter)
+        throw invalidArgument("filter", "filter expressions are not supported yet; use states and labels");
+      const states = stateSet(req.states);
+      const all = m.list().filter((vm) => matches(vm, states, req.labels));
+      const after = req.pageToken ? Buffer.from(req.pageToken, "base64url").toString() : "";
+      const size = req.pageSize > 0 ? Math.min(req.pageSize, 1000) : 100;
+      const rest = all.filter((vm) => vm.id > after);
+      const page = rest.slice(0, size);
+      return {
+        vms: page.map(toPbVm),
+        nextPageToken:
+          rest.length > size ? Buffer.from(page[page.length - 1]?.id ?? "").toString("base64url") : "",
+      };
+    },
+    async deleteVm(req) {
+      return op(
+        await m.delete(vmIdFromName(req.name), {
+          force: req.force,
+          allowMissing: req.allowMissing,
+          requestId: req.requestId,
+        }),
+      );
+    },
+    async startVm(req) {
+      return op(await m.start(vmIdFromName(req.name), { paused: req.paused, requestId: req.requestId }));
+    },
+    async stopVm(req) {
+      const timeoutMs = ms(req.gracefulTimeout);
+      return op(
+        await m.stop(vmIdFromName(req.name), {
+          force: req.force,
+          requestId: req.requestId,
+          ...(timeoutMs ? { timeoutMs } : {}),
+        }),
+      );
+    },
+    async rebootVm(req) {
+      const timeoutMs = ms(req.gracefulTimeout);
+      return op(
+        await m.reboot(vmIdFromName(req.name), {
+          force: req.force,
+          requestId: req.requestId,
+          ...(timeoutMs ? { timeoutMs } : {}),
+        }),
+      );
+    },
+    async pauseVm(req) {
+      return toPbVm(await m.pause(vmIdFromName(req.name)));
+    },
+    async resumeVm(req) {
+      return toPbVm(await m.resume(vmIdFromName(req.name)));
+    },
+    async *watchVms(req, ctx) {
+      if (req.filter)
+        throw invalidArgument("filter", "filter expressions are not supported yet; use states and labels");
+      const states = stateSet(req.states);
+      // Subscribe first, so that nothing between the snapshot and the first change is lost.
+      const queue: VmChange[] = [];
+      let wake: (() => void) | undefined;
+      let overflow = false;
+      const onChange = (c: VmChange) => {
+        if (queue.length >= WATCH_QUEUE) overflow = true;
+        else queue.push(c);
+        wake?.();
+      };
+      m.on("change", onChange);
+      const aborted = new Promise<void>((r) =>
+        ctx.signal.addEventListener("abort", () => r(), { once: true }),
+      );
+      try {
+        const event = (type: WatchEventType, vm: VmRecord | undefined, seq: number, timeMs: number) => ({
+          type,
+          ...(vm ? { vm: toPbVm(vm) } : {}),
+          resumeToken: String(seq),
+          eventTime: timestampFromMs(timeMs),
+        });
+        let last = m.seq;
+        if (req.resumeToken) {
+          const from = Number(req.resumeToken);
+          const oldest = m.history[0]?.seq ?? m.seq + 1;
+          if (!Number.isInteger(from) || from > m.seq || (from < oldest - 1 && from !== m.seq)) {
+            throw new VmenvError(
+              "out-of-range",
+              "resume token is unknown or too old; watch again without one",
+              {
+                reason: "RESUME_TOKEN_EXPIRED",
+              },
+            );
+          }
+          queue.unshift(...m.history.filter((c) => c.seq > from && !queue.includes(c)));
+          last = from;
+        } else {
+          for (const vm of m.list())
+            if (matches(vm, states, req.labels)) yield event(WatchEventType.INITIAL, vm, last, Date.now());
+          yield event(WatchEventType.SYNCED, undefined, last, Date.now());
+        }
+        for (;;) {
+          if (overflow) {
+            throw new VmenvError(
+              "resource-exhausted",
+              "watcher fell too far behind and was cut off; watch again",
+              {
+                reason: "WATCH_CLIENT_TOO_SLOW",
+              },
+            );
+          }
+          const c = queue.shift();
+          if (!c) {
+            if (ctx.signal.aborted) return;
+            await Promise.race([new Promise<void>((r) => (wake = r)), aborted]);
+            continue;
+          }
+          if (c.seq <= last) continue;
+          last = c.seq;
+          if (c.type !== "deleted" && !matches(c.vm, states, req.labels)) continue;
+          const type = {
+            created: WatchEventType.CREATED,
+            updated: WatchEventType.UPDATED,
+            deleted: WatchEventType.DELETED,
+          }[c.type];
+          yield event(type, c.vm, c.seq, c.timeMs);
+        }
+      } finally {
+        m.off("change", onChange);
+      }
+    },
+    async *streamConsole(req, ctx) {
+      const id = vmIdFromName(req.name);
+      m.get(id);
+      if (req.since)
+        throw unimplemented(
+          "StreamConsoleRequest.since",
+          "use last_lines; timestamps of console output arrive later",
+        );
+      for await (const chunk of readConsole(m.logPath(id), {
+        ...(req.lastLines > 0 ? { lastLines: req.lastLines } : {}),
+        follow: req.follow,
+        signal: ctx.signal,
+      })) {
+        yield { data: chunk.data, offset: BigInt(chunk.offset), time: timestampFromMs(Date.now()) };
+      }
+    },
+    sendConsoleInput(req) {
+      const id = vmIdFromName(req.name);
+      const tap = m.get(id) && m.consoleTap(id);
+      if (!tap?.write(req.data)) {
+        throw failedPrecondition(
+          `the console of vms/${id} is not connected (is the VM running?)`,
+          "CONSOLE_NOT_CONNECTED",
+          {
+            vm: `vms/${id}`,
+          },
+        );
+      }
+      return { writtenBytes: BigInt(req.data.length) };
+    },
+    async executeQmpCommand(req) {
+      const vmm = m.vmm(vmIdFromName(req.name));
+      if (!req.command) throw invalidArgument("command", "is required");
+      try {
+        const r = await vmm.passthrough(req.command, req.arguments as Record<string, unknown> | undefined);
+        return { returnValue: fromJson(ValueSchema, (r ?? null) as JsonValue) };
+      } catch (e) {
+        if (e instanceof Error && e.name === "QmpError")
+          throw new ConnectError(e.message, Code.InvalidArgument);
+        throw e;
+      }
+    },
+    updateVm: later("UpdateVm"),
+    snapshotVm: later("SnapshotVm"),
+    listVmSnapshots: later("ListVmSnapshots"),
+    deleteVmSnapshot: later("DeleteVmSnapshot"),
+    restoreVm: later("RestoreVm"),
+    cloneVm: later("CloneVm"),
+    resizeVm: later("ResizeVm"),
+    commitVmDeviceChanges: later("CommitVmDeviceChanges"),
+    prepareVmMigration: later("PrepareVmMigration"),
+    migrateVm: later("MigrateVm"),
+    finishVmMigration: later("FinishVmMigration"),
+  });
+}

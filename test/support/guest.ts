@@ -1,0 +1,20 @@
+import { join } from "node:path";
+import { repoRoot, run } from "./agent.js";
+
+/** The line the test guest prints on its serial console once it is up. */
+export const GUEST_READY = /VMENV-GUEST-READY hostname=(\S+) uptime=([\d.]+)/;
+
+let image: Promise<{ kernel: string; initrd: string }> | undefined;
+
+/** The test guest's kernel and initrd, built (once, cached) by scripts/guest-image. */
+export function guestImage(): Promise<{ kernel: string; initrd: string }> {
+  image ??= (async () => {
+    const r = await run(join(repoRoot, "scripts/guest-image"), [], { timeoutMs: 600_000 });
+    if (r.code !== 0) throw new Error(`scripts/guest-image failed (${r.code}):\n${r.stderr}`);
+    const kernel = /^kernel=(.+)$/m.exec(r.stdout)?.[1];
+    const initrd = /^initrd=(.+)$/m.exec(r.stdout)?.[1];
+    if (!kernel || !initrd) throw new Error(`scripts/guest-image did not print kernel= and initrd= lines:\n${r.stdout}`);
+    return { kernel, initrd };
+  })();
+  return image;
+}
