@@ -5,7 +5,7 @@ import { OperationState, VmmKind, VmRestartPolicy, VmState, WatchEventType } fro
 import { ErrorInfoSchema } from "@vmenv/api/google/rpc";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { type RunningAgent, startAgent } from "./support/agent.js";
-import { clients, consoleRun, done, guestVm, isReady, MIB, qemusUnder, until } from "./support/vm.js";
+import { clients, consoleRun, done, guestVm, isReady, qemusUnder, until } from "./support/vm.js";
 
 const err = (p: Promise<unknown>) =>
   p.then(
@@ -167,8 +167,15 @@ describe("VmService on real QEMU (TCG)", () => {
     process.kill(fragile.pid, "SIGKILL");
     process.kill(phoenix.pid, "SIGKILL");
     const firstCrash = async () =>
-      ["vms/fragile", "vms/phoenix"].map((n) => seen.find((s) => s.name === n && s.state === VmState.CRASHED));
-    const crashed = await until(firstCrash, (x) => x.every((e) => e !== undefined), 5000, "a crash event for each VM");
+      ["vms/fragile", "vms/phoenix"].map((n) =>
+        seen.find((s) => s.name === n && s.state === VmState.CRASHED),
+      );
+    const crashed = await until(
+      firstCrash,
+      (x) => x.every((e) => e !== undefined),
+      5000,
+      "a crash event for each VM",
+    );
     for (const cr of crashed) expect((cr?.at ?? Number.POSITIVE_INFINITY) - killedAt).toBeLessThan(1000);
     const back = await until(
       () => c.vms.getVm({ name: "vms/phoenix" }),

@@ -91,7 +91,10 @@ export const isReady = (v: Vm) => v.guestReadyTime !== undefined;
 
 /** Pids of the VMs' QEMU processes of the agent state under `dir` (not its accelerator probes). */
 export async function qemusUnder(dir: string): Promise<number[]> {
-  const r = await run("pgrep", ["-f", `qemu-system.*${dir.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}/state/vms/`]);
+  const r = await run("pgrep", [
+    "-f",
+    `qemu-system.*${dir.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}/state/vms/`,
+  ]);
   return r.stdout.split("\n").filter(Boolean).map(Number);
 }
 

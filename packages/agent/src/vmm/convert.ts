@@ -6,11 +6,14 @@ import {
   VmmKind,
   VmRestartPolicy,
   VmSchema,
+  type VmSnapshot,
+  VmSnapshotSchema,
   type VmSpec as VmSpecPb,
   VmState as VmStatePb,
 } from "@vmenv/api/agent/v1";
 import { invalidArgument, unimplemented } from "@vmenv/rpc/errors";
 import type { RestartPolicy, VmRecord, VmSpec, VmState } from "./domain.js";
+import type { SnapshotRecord } from "./snapshots.js";
 
 const states: Record<VmState, VmStatePb> = {
   creating: VmStatePb.CREATING,
@@ -121,6 +124,30 @@ function toPbSpec(s: VmSpec) {
             },
           },
   };
+}
+
+/** A snapshot record → the API's VmSnapshot. */
+export function toPbSnapshot(r: SnapshotRecord): VmSnapshot {
+  return create(VmSnapshotSchema, {
+    name: `vms/${r.vmId}/snapshots/${r.id}`,
+    spec: toPbSpec(r.spec),
+    vmState: states[r.vmState],
+    includesMemory: r.includesMemory,
+    memoryStateBytes: BigInt(r.memoryStateBytes),
+    labels: r.labels,
+    createTime: timestampFromMs(r.createTimeMs),
+  });
+}
+
+/** `vms/{vm}/snapshots/{snapshot}` → [vm, snapshot]. */
+export function snapshotFromName(name: string, field = "snapshot"): [string, string] {
+  const m = /^vms\/([^/]+)\/snapshots\/([^/]+)$/.exec(name);
+  if (!m?.[1] || !m[2])
+    throw invalidArgument(
+      field,
+      `"${name.slice(0, 80)}" is not a snapshot name (vms/{vm}/snapshots/{snapshot})`,
+    );
+  return [m[1], m[2]];
 }
 
 /** The domain's record → the API's Vm. */

@@ -23,6 +23,11 @@ export interface LaunchRequest {
   paths: VmPaths;
   /** Start with vCPUs stopped. */
   paused: boolean;
+  /**
+   * Start from saved state instead of booting: the VMM listens on this Unix socket for the state
+   * (`RunningVmm.saveState`'s output), which the agent then streams in.
+   */
+  incoming?: string;
 }
 
 /** Why a VMM process ended, as far as its control channel told. */
@@ -45,6 +50,13 @@ export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: [];
   exited(): Promise<ExitCause>;
   /** Closes the agent's control connection; the VMM keeps running. */
   detach(): void;
+  /**
+   * Writes the VM's memory and device state to the Unix socket at `socketPath` (the agent listens there
+   * and stores what comes). The guest should be paused, for a consistent image; it stays paused.
+   */
+  saveState(socketPath: string, signal?: AbortSignal): Promise<void>;
+  /** For a VMM launched with `incoming`: resolves when the state has been loaded (vCPUs still stopped). */
+  incomingDone(signal?: AbortSignal): Promise<void>;
   /** Debugging passthrough to the VMM's own protocol (QMP for QEMU). */
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown>;
 }

@@ -1,6 +1,14 @@
 import { EventEmitter } from "node:events";
 import { access, constants, readFile } from "node:fs/promises";
-import { alreadyExists, failedPrecondition, invalidArgument, notFound, VmenvError } from "@vmenv/rpc/errors";
+import { join } from "node:path";
+import {
+  alreadyExists,
+  failedPrecondition,
+  invalidArgument,
+  notFound,
+  unimplemented,
+  VmenvError,
+} from "@vmenv/rpc/errors";
 import type { Logger } from "pino";
 import type { OperationRecord, Operations } from "../diagnostics/operations.js";
 import { ConsoleTap } from "./console.js";
@@ -18,6 +26,15 @@ import {
   validateSpec,
 } from "./domain.js";
 import type { ExitCause, RunningVmm, VmmDriver } from "./driver.js";
+import {
+  loadSnapshots,
+  receiveInto,
+  removeSnapshot,
+  type SnapshotRecord,
+  saveSnapshotRecord,
+  sendFrom,
+  snapshotDir,
+} from "./snapshots.js";
 import type { VmStore } from "./store.js";
 
 export interface VmManagerDeps {
@@ -141,7 +158,12 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   async #create(
     id: string,
     spec: VmSpec,
-    opts: { labels: Record<string, string>; restartPolicy: RestartPolicy; start: boolean; requestId?: string },
+    opts: {
+      labels: Record<string, string>;
+      restartPolicy: RestartPolicy;
+      start: boolean;
+      requestId?: string;
+    },
   ): Promise<OperationRecord> {
     const existing = this.#vms.get(id);
     if (existing) {
@@ -297,6 +319,197 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     );
   }
 
+  /** Saves the VM's memory and device state (the guest paused meanwhile) as `vms/{id}/snapshots/{sid}`. */
+  async snapshot(
+    id: string,
+    sid: string,
+    opts: { includeMemory: boolean; labels: Record<string, string>; requestId?: string },
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(opts.requestId);
+    if (replay) return replay;
+    const e = this.#entry(id);
+    checkVmId(sid, "snapshot_id");
+    if (!opts.includeMemory) {
+      throw unimplemented(
+        "SnapshotVmRequest.include_memory=false",
+        "disk-only snapshots arrive with volumes (issue #4)",
+      );
+    }
+    const dir = this.d.store.paths(id).dir;
+    if ((await loadSnapshots(dir)).some((x) => x.id === sid))
+      throw alreadyExists("snapshot", `vms/${id}/snapshots/${sid}`, "");
+    return this.d.operations.start(
+      "vm.snapshot",
+      `vms/${id}`,
+      () =>
+        this.#locked(e, async () => {
+          const vmm = e.vmm;
+          if (!vmm || !["running", "paused"].includes(e.record.state)) {
+            throw failedPrecondition(
+              `vms/${id} is ${e.record.state}: only a running or paused VM has memory to save`,
+              "VM_NOT_RUNNING",
+              {
+                vm: `vms/${id}`,
+              },
+            );
+          }
+          const wasRunning = e.record.state === "running";
+          const sdir = snapshotDir(dir, sid);
+          try {
+            if (wasRunning) await vmm.pause();
+            const sock = join(sdir, "save.sock");
+            const bytes = await receiveInto(sock, join(sdir, "state.bin"), () => vmm.saveState(sock));
+            const r: SnapshotRecord = {
+              vmId: id,
+              id: sid,
+              spec: e.record.spec,
+              vmState: wasRunning ? "running" : "paused",
+              includesMemory: true,
+              memoryStateBytes: bytes,
+              guestReady: e.record.guestReadyTimeMs !== undefined,
+              labels: opts.labels,
+              createTimeMs: this.#now(),
+            };
+            await saveSnapshotRecord(dir, r);
+            return r;
+          } catch (err) {
+            await removeSnapshot(dir, sid);
+            throw err;
+          } finally {
+            if (wasRunning) {
+              await vmm.resume();
+              await this.#set(e, { state: "running" });
+            }
+          }
+        }),
+      opts.requestId ? { requestId: opts.requestId } : {},
+    );
+  }
+
+  async listSnapshots(id: string): Promise<SnapshotRecord[]> {
+    this.#entry(id);
+    return loadSnapshots(this.d.store.paths(id).dir);
+  }
+
+  async deleteSnapshot(id: string, sid: string): Promise<void> {
+    await this.#snapshotOf(id, sid);
+    await removeSnapshot(this.d.store.paths(id).dir, sid);
+  }
+
+  async #snapshotOf(id: string, sid: string): Promise<SnapshotRecord> {
+    const snap = (await this.listSnapshots(id)).find((x) => x.id === sid);
+    if (!snap) throw notFound("snapshot", `vms/${id}/snapshots/${sid}`);
+    return snap;
+  }
+
+  /** Puts a stopped VM (or, with force, any) back where its snapshot was. */
+  async restore(
+    id: string,
+    sid: string,
+    opts: { force?: boolean; requestId?: string } = {},
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(opts.requestId);
+    if (replay) return replay;
+    const e = this.#entry(id);
+    const snap = await this.#snapshotOf(id, sid);
+    if (!opts.force && !["stopped", "crashed"].includes(e.record.state)) {
+      throw failedPrecondition(
+        `vms/${id} is ${e.record.state}: stop it before restoring, or restore with force`,
+        "VM_RUNNING",
+        {
+          vm: `vms/${id}`,
+        },
+      );
+    }
+    return this.d.operations.start(
+      "vm.restore",
+      `vms/${id}`,
+      () =>
+        this.#locked(e, async () => {
+          if (e.vmm) await this.#stop(e, true, undefined);
+          await this.#set(e, { spec: snap.spec });
+          await this.#launch(e, await this.#driver(snap.spec.vmm), snap.vmState === "paused", snap);
+          return e.record;
+        }),
+      opts.requestId ? { requestId: opts.requestId } : {},
+    );
+  }
+
+  /**
+   * A new VM from a snapshot of `id` (it goes on from the snapshot, as an independent VM), or from a
+   * stopped `id` (it boots afresh from the same spec).
+   */
+  async clone(
+    id: string,
+    newId: string,
+    opts: { snapshot?: string; labels: Record<string, string>; start: boolean; requestId?: string },
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(opts.requestId);
+    if (replay) return replay;
+    const src = this.#entry(id);
+    checkVmId(newId);
+    if (this.#vms.has(newId)) throw alreadyExists("vm", `vms/${newId}`, "");
+    const snap = opts.snapshot ? await this.#snapshotOf(id, opts.snapshot) : undefined;
+    if (!snap && !["stopped", "crashed"].includes(src.record.state)) {
+      throw failedPrecondition(
+        `vms/${id} is ${src.record.state}: clone a running VM from one of its snapshots`,
+        "VM_RUNNING",
+        {
+          vm: `vms/${id}`,
+        },
+      );
+    }
+    const spec = snap?.spec ?? src.record.spec;
+    const driver = await this.#driver(spec.vmm);
+    const t = this.#now();
+    const record: VmRecord = {
+      id: newId,
+      spec,
+      labels: opts.labels,
+      restartPolicy: src.record.restartPolicy,
+      state: "creating",
+      stateMessage: "",
+      accelerator: undefined,
+      pid: undefined,
+      restartCount: 0,
+      createTimeMs: t,
+      updateTimeMs: t,
+      startTimeMs: undefined,
+      guestReadyTimeMs: undefined,
+      generation: 1,
+    };
+    const entry: Entry = {
+      record,
+      vmm: undefined,
+      console: undefined,
+      lock: Promise.resolve(),
+      stopping: false,
+    };
+    this.#vms.set(newId, entry);
+    await this.d.store.save(record);
+    this.#emit("created", record);
+    return this.d.operations.start(
+      "vm.clone",
+      `vms/${newId}`,
+      () =>
+        this.#locked(entry, async () => {
+          try {
+            if (snap) await this.#launch(entry, driver, !opts.start || snap.vmState === "paused", snap);
+            else if (opts.start) await this.#launch(entry, driver, false);
+            else await this.#set(entry, { state: "stopped" });
+            return entry.record;
+          } catch (err) {
+            await entry.vmm?.kill().catch(() => undefined);
+            this.#vms.delete(newId);
+            await this.d.store.remove(newId);
+            this.#emit("deleted", entry.record);
+            throw err;
+          }
+        }),
+      opts.requestId ? { requestId: opts.requestId } : {},
+    );
+  }
+
   // ---- start-up and shut-down ------------------------------------------------------------------
 
   /**
@@ -431,23 +644,44 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     );
   }
 
-  async #launch(e: Entry, driver: VmmDriver, paused: boolean): Promise<void> {
+  async #launch(e: Entry, driver: VmmDriver, paused: boolean, from?: SnapshotRecord): Promise<void> {
     const accelerator = e.record.spec.accelerator ?? (await this.d.effectiveAccelerator());
     await this.#set(e, { state: "starting", stateMessage: "", guestReadyTimeMs: undefined });
     try {
+      const paths = this.d.store.paths(e.record.id);
+      const incoming = from ? join(paths.dir, "incoming.sock") : undefined;
       const vmm = await driver.launch({
         id: e.record.id,
         spec: e.record.spec,
         accelerator,
-        paths: this.d.store.paths(e.record.id),
+        paths,
         paused,
+        ...(incoming ? { incoming } : {}),
       });
       this.#attach(e, vmm);
+      if (from && incoming) {
+        // Stream the saved state in; the guest goes on where it was when the snapshot was taken.
+        try {
+          await sendFrom(
+            join(snapshotDir(this.d.store.paths(from.vmId).dir, from.id), "state.bin"),
+            incoming,
+          );
+          await vmm.incomingDone();
+        } catch (err) {
+          e.stopping = true;
+          await vmm.kill();
+          throw err;
+        }
+        if (!paused) await vmm.resume();
+      }
       await this.#set(e, {
         state: paused ? "paused" : "running",
         pid: vmm.pid,
         accelerator,
         startTimeMs: this.#now(),
+        ...(from?.guestReady
+          ? { guestReadyTimeMs: this.#now(), stateMessage: `restored from snapshot ${from.id}` }
+          : {}),
       });
     } catch (err) {
       await this.#set(e, { state: "stopped", pid: undefined, stateMessage: (err as Error).message });

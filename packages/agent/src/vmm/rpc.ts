@@ -1,7 +1,7 @@
 import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { anyPack, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { VmSchema, VmService, WatchEventType } from "@vmenv/api/agent/v1";
+import { VmSchema, VmService, VmSnapshotSchema, WatchEventType } from "@vmenv/api/agent/v1";
 import {
   bind,
   failedPrecondition,
@@ -12,15 +12,24 @@ import {
 } from "@vmenv/rpc";
 import { toPbOperation } from "../diagnostics/convert.js";
 import { readConsole } from "./console.js";
-import { fromPbRestartPolicy, fromPbSpec, fromPbState, toPbVm } from "./convert.js";
+import {
+  fromPbRestartPolicy,
+  fromPbSpec,
+  fromPbState,
+  snapshotFromName,
+  toPbSnapshot,
+  toPbVm,
+} from "./convert.js";
 import { checkVmId, type VmRecord, vmIdFromName } from "./domain.js";
 import type { VmChange, VmManager } from "./manager.js";
+import type { SnapshotRecord } from "./snapshots.js";
 
 /** Packs an operation's result for the API: a VM record becomes a Vm. */
 export function packResult(r: unknown) {
-  return r !== null && typeof r === "object" && "spec" in r && "id" in r
-    ? anyPack(VmSchema, toPbVm(r as VmRecord))
-    : undefined;
+  if (r === null || typeof r !== "object") return undefined;
+  if ("includesMemory" in r) return anyPack(VmSnapshotSchema, toPbSnapshot(r as SnapshotRecord));
+  if ("spec" in r && "id" in r) return anyPack(VmSchema, toPbVm(r as VmRecord));
+  return undefined;
 }
 
 const ms = (d: { seconds: bigint; nanos: number } | undefined) =>
@@ -227,11 +236,56 @@ export function vmService(m: VmManager): ServiceBinding {
       }
     },
     updateVm: later("UpdateVm"),
-    snapshotVm: later("SnapshotVm"),
-    listVmSnapshots: later("ListVmSnapshots"),
-    deleteVmSnapshot: later("DeleteVmSnapshot"),
-    restoreVm: later("RestoreVm"),
-    cloneVm: later("CloneVm"),
+    async snapshotVm(req) {
+      return op(
+        await m.snapshot(vmIdFromName(req.name), req.snapshotId, {
+          includeMemory: req.includeMemory,
+          labels: { ...req.labels },
+          requestId: req.requestId,
+        }),
+      );
+    },
+    async listVmSnapshots(req) {
+      if (req.filter) throw invalidArgument("filter", "filter expressions are not supported yet");
+      const all = await m.listSnapshots(vmIdFromName(req.parent, "parent"));
+      const start = req.pageToken ? Number(Buffer.from(req.pageToken, "base64url").toString()) : 0;
+      if (!Number.isInteger(start) || start < 0)
+        throw invalidArgument("page_token", "is not a token this agent gave");
+      const size = req.pageSize > 0 ? Math.min(req.pageSize, 1000) : 100;
+      return {
+        vmSnapshots: all.slice(start, start + size).map(toPbSnapshot),
+        nextPageToken:
+          start + size < all.length ? Buffer.from(String(start + size)).toString("base64url") : "",
+      };
+    },
+    async deleteVmSnapshot(req) {
+      const [vm, sid] = snapshotFromName(req.name, "name");
+      await m.deleteSnapshot(vm, sid);
+      return {};
+    },
+    async restoreVm(req) {
+      const id = vmIdFromName(req.name);
+      const [vm, sid] = snapshotFromName(req.snapshot);
+      if (vm !== id) throw invalidArgument("snapshot", `${req.snapshot} is not a snapshot of ${req.name}`);
+      return op(await m.restore(id, sid, { force: req.force, requestId: req.requestId }));
+    },
+    async cloneVm(req) {
+      const id = vmIdFromName(req.name);
+      let snapshot: string | undefined;
+      if (req.snapshot) {
+        const [vm, sid] = snapshotFromName(req.snapshot);
+        if (vm !== id) throw invalidArgument("snapshot", `${req.snapshot} is not a snapshot of ${req.name}`);
+        snapshot = sid;
+      }
+      return op(
+        await m.clone(id, req.vmId, {
+          labels: { ...req.labels },
+          start: req.start,
+          requestId: req.requestId,
+          ...(snapshot ? { snapshot } : {}),
+        }),
+      );
+    },
     resizeVm: later("ResizeVm"),
     commitVmDeviceChanges: later("CommitVmDeviceChanges"),
     prepareVmMigration: later("PrepareVmMigration"),

@@ -46,6 +46,7 @@ export function qemuArgs(req: LaunchRequest): string[] {
     if (spec.boot.initrdPath) args.push("-initrd", spec.boot.initrdPath);
     args.push("-append", spec.boot.cmdline);
   }
-  if (req.paused) args.push("-S");
+  if (req.paused || req.incoming) args.push("-S");
+  if (req.incoming) args.push("-incoming", `unix:${req.incoming}`);
   return args;
 }

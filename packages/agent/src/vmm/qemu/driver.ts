@@ -171,6 +171,32 @@ class QemuVmm
       await this.#exit;
     }
   }
+  async saveState(socketPath: string, signal?: AbortSignal): Promise<void> {
+    // Local saves need not be throttled like a migration over a network.
+    await this.qmp.execute("migrate-set-parameters", { "max-bandwidth": 8 * 1024 ** 3 });
+    await this.qmp.execute("migrate", { uri: `unix:${socketPath}` });
+    for (;;) {
+      signal?.throwIfAborted();
+      const m = await this.qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+      if (m.status === "completed") return;
+      if (m.status === "failed" || m.status === "cancelled") {
+        throw new Error(`saving the VM state failed: ${m["error-desc"] ?? m.status}`);
+      }
+      await delay(50);
+    }
+  }
+  async incomingDone(signal?: AbortSignal): Promise<void> {
+    for (;;) {
+      signal?.throwIfAborted();
+      const s = await this.qmp.execute<{ status: string }>("query-status");
+      if (s.status !== "inmigrate") {
+        if (s.status !== "paused" && s.status !== "running")
+          throw new Error(`loading the VM state failed: QEMU is ${s.status}`);
+        return;
+      }
+      await delay(50);
+    }
+  }
   exited(): Promise<ExitCause> {
     return this.#exit;
   }
