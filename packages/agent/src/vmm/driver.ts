@@ -57,6 +57,10 @@ export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: [];
   saveState(socketPath: string, signal?: AbortSignal): Promise<void>;
   /** For a VMM launched with `incoming`: resolves when the state has been loaded (vCPUs still stopped). */
   incomingDone(signal?: AbortSignal): Promise<void>;
+  /** Plugs vCPUs in until the VM has `total` (up to its maximum). */
+  hotplugVcpus(total: number): Promise<void>;
+  /** Plugs in `bytes` more memory as one DIMM. */
+  hotplugMemory(bytes: bigint): Promise<void>;
   /** Debugging passthrough to the VMM's own protocol (QMP for QEMU). */
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown>;
 }

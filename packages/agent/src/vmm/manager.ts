@@ -510,6 +510,76 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     );
   }
 
+  /**
+   * Changes vCPUs and memory. A running VM grows by hotplug (up to max_vcpus and max_memory_bytes); a
+   * stopped one takes the new values at its next start.
+   */
+  async resize(
+    id: string,
+    opts: { vcpus?: number; memoryBytes?: bigint; requestId?: string },
+  ): Promise<OperationRecord> {
+    const replay = this.d.operations.byRequestId(opts.requestId);
+    if (replay) return replay;
+    const e = this.#entry(id);
+    const spec = e.record.spec;
+    const vcpus = opts.vcpus ?? spec.vcpus;
+    const memoryBytes = opts.memoryBytes ?? spec.memoryBytes;
+    const next = {
+      ...spec,
+      vcpus,
+      memoryBytes,
+      maxVcpus: Math.max(spec.maxVcpus, vcpus),
+      // biome-ignore lint/complexity/useMathMinMax: bigints; Math.max takes numbers only
+      maxMemoryBytes: spec.maxMemoryBytes > memoryBytes ? spec.maxMemoryBytes : memoryBytes,
+    };
+    validateSpec(next, await this.d.hostLimits());
+    const live = e.vmm !== undefined;
+    if (live) {
+      if (vcpus < spec.vcpus || memoryBytes < spec.memoryBytes) {
+        throw failedPrecondition(
+          `vms/${id} runs: a running VM can grow, not shrink; stop it to shrink it`,
+          "VM_SHRINK_LIVE",
+          { vm: `vms/${id}` },
+        );
+      }
+      if (vcpus > spec.maxVcpus) {
+        throw invalidArgument(
+          "vcpus",
+          `vms/${id} runs with max_vcpus ${spec.maxVcpus}: it cannot grow to ${vcpus} vCPUs until restarted`,
+        );
+      }
+      if (memoryBytes > spec.maxMemoryBytes) {
+        throw invalidArgument(
+          "memory_bytes",
+          `vms/${id} runs with max_memory_bytes ${spec.maxMemoryBytes}: it cannot grow to ${memoryBytes} until restarted`,
+        );
+      }
+      const block = 128n * 1024n * 1024n;
+      if ((memoryBytes - spec.memoryBytes) % block !== 0n) {
+        throw invalidArgument(
+          "memory_bytes",
+          "memory is added to a running VM in steps of 128 MiB (the guest's memory block)",
+        );
+      }
+    }
+    return this.d.operations.start(
+      "vm.resize",
+      `vms/${id}`,
+      () =>
+        this.#locked(e, async () => {
+          const vmm = e.vmm;
+          if (vmm) {
+            if (vcpus > e.record.spec.vcpus) await vmm.hotplugVcpus(vcpus);
+            if (memoryBytes > e.record.spec.memoryBytes)
+              await vmm.hotplugMemory(memoryBytes - e.record.spec.memoryBytes);
+          }
+          await this.#set(e, { spec: { ...e.record.spec, ...(vmm ? { vcpus, memoryBytes } : next) } });
+          return e.record;
+        }),
+      opts.requestId ? { requestId: opts.requestId } : {},
+    );
+  }
+
   // ---- start-up and shut-down ------------------------------------------------------------------
 
   /**

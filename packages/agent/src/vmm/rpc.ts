@@ -286,7 +286,17 @@ export function vmService(m: VmManager): ServiceBinding {
         }),
       );
     },
-    resizeVm: later("ResizeVm"),
+    async resizeVm(req) {
+      if (req.vcpus === undefined && req.memoryBytes === undefined)
+        throw invalidArgument("vcpus", "set vcpus, memory_bytes or both");
+      return op(
+        await m.resize(vmIdFromName(req.name), {
+          requestId: req.requestId,
+          ...(req.vcpus !== undefined ? { vcpus: req.vcpus } : {}),
+          ...(req.memoryBytes !== undefined ? { memoryBytes: req.memoryBytes } : {}),
+        }),
+      );
+    },
     commitVmDeviceChanges: later("CommitVmDeviceChanges"),
     prepareVmMigration: later("PrepareVmMigration"),
     migrateVm: later("MigrateVm"),

@@ -197,6 +197,32 @@ class QemuVmm
       await delay(50);
     }
   }
+  async hotplugVcpus(total: number): Promise<void> {
+    type Slot = { type: string; "qom-path"?: string; props: Record<string, number> };
+    const slots = await this.qmp.execute<Slot[]>("query-hotpluggable-cpus");
+    const plugged = slots.filter((x) => x["qom-path"] !== undefined).length;
+    const free = slots.filter((x) => x["qom-path"] === undefined).reverse(); // QEMU lists the highest first
+    for (let n = plugged; n < total; n++) {
+      const slot = free.shift();
+      if (!slot) throw new Error(`no free vCPU slot for vCPU ${n}`);
+      const id = `vcpu-${Object.values(slot.props).join("-")}`;
+      await this.qmp.execute("device_add", { driver: slot.type, id, ...slot.props });
+    }
+  }
+  async hotplugMemory(bytes: bigint): Promise<void> {
+    const n = `${Date.now().toString(36)}`;
+    await this.qmp.execute("object-add", {
+      "qom-type": "memory-backend-ram",
+      id: `mem-${n}`,
+      size: Number(bytes),
+    });
+    try {
+      await this.qmp.execute("device_add", { driver: "pc-dimm", id: `dimm-${n}`, memdev: `mem-${n}` });
+    } catch (e) {
+      await this.qmp.execute("object-del", { id: `mem-${n}` }).catch(() => undefined);
+      throw e;
+    }
+  }
   exited(): Promise<ExitCause> {
     return this.#exit;
   }
