@@ -4,6 +4,8 @@ import { cpus, hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cliMain, type RunningAgent, repoRoot, run, startAgent } from "./support/agent.js";
+import { guestImage } from "./support/guest.js";
+import { until } from "./support/vm.js";
 
 const versionOf = (pkg: string) =>
   (JSON.parse(readFileSync(join(repoRoot, "packages", pkg, "package.json"), "utf8")) as { version: string })
@@ -109,5 +111,51 @@ describe("vmenv CLI against a real agent", () => {
     expect(r.code).toBe(1);
     expect(r.stdout).toBe("");
     expect(r.stderr).toBe("vmenv: --tls* flags need --address (the Unix socket has no TLS)\n");
+  });
+
+  it("drives a VM's life: create, list, get, console, snapshot, stop, delete", async () => {
+    const { kernel, initrd } = await guestImage();
+    const sock = ["--socket", agent.socket];
+    const create = await vmenv([
+      ...sock,
+      "vm",
+      "create",
+      "cli1",
+      "--kernel",
+      kernel,
+      "--initrd",
+      initrd,
+      "--cmdline",
+      "console=ttyS0 quiet vmenv.hostname=cli1",
+      "--memory",
+      "192M",
+    ]);
+    expect(create.stderr).toBe("");
+    expect(create.stdout).toMatch(/^Name:\s+vms\/cli1$/m);
+    expect(create.stdout).toMatch(/^State:\s+running/m);
+    const list = await vmenv([...sock, "vm", "list"]);
+    expect(list.stdout).toMatch(/^NAME\s+STATE\s+VCPUS\s+MEMORY\s+PID\s+UP\s+READY$/m);
+    expect(list.stdout).toMatch(/^cli1\s+running\s+1\s+192\.0 MiB\s+\d+/m);
+    await until(
+      async () => (await vmenv([...sock, "-o", "json", "vm", "get", "cli1"])).stdout,
+      (o) => o.includes("guestReadyTime"),
+      90_000,
+      "ready",
+    );
+    const console = await vmenv([...sock, "vm", "console", "cli1", "-n", "200"]);
+    expect(console.stdout).toMatch(/VMENV-GUEST-READY hostname=cli1/);
+    const snap = await vmenv([...sock, "vm", "snapshot", "cli1", "before"]);
+    expect(snap.code).toBe(0);
+    expect((await vmenv([...sock, "vm", "snapshots", "cli1"])).stdout).toMatch(/^before\s+running\s+\d/m);
+    const del = await vmenv([...sock, "vm", "delete", "cli1"]);
+    expect(del.code).toBe(1);
+    expect(del.stderr.trim()).toBe(
+      "vmenv: FAILED_PRECONDITION: vms/cli1 is running: stop it first, or delete with force (reason VM_RUNNING, vm=vms/cli1)",
+    );
+    expect((await vmenv([...sock, "vm", "stop", "cli1", "--force"])).stdout).toMatch(/^State:\s+stopped/m);
+    expect((await vmenv([...sock, "vm", "delete", "cli1"])).code).toBe(0);
+    expect((await vmenv([...sock, "vm", "list"])).stdout.trim()).toBe(
+      "NAME  STATE  VCPUS  MEMORY  PID  UP  READY",
+    );
   });
 });

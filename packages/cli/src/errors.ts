@@ -20,7 +20,9 @@ export function describeError(err: unknown): string {
     : "";
   const lines = [`vmenv: ${codeName(err.code)}: ${err.rawMessage}${extra}`];
   for (const br of err.findDetails(BadRequestSchema)) {
-    for (const v of br.fieldViolations) lines.push(`  ${v.field}: ${v.description}`);
+    for (const v of br.fieldViolations) {
+      if (!err.rawMessage.includes(v.description)) lines.push(`  ${v.field}: ${v.description}`);
+    }
   }
   return lines.join("\n");
 }

@@ -1,4 +1,5 @@
-import { toJson } from "@bufbuild/protobuf";
+import { resolve } from "node:path";
+import { createRegistry, toJson } from "@bufbuild/protobuf";
 import { anyUnpack, durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import {
   DiagnosticsService,
@@ -9,6 +10,7 @@ import {
   VmRestartPolicy,
   VmSchema,
   VmService,
+  VmSnapshotSchema,
   VmState,
 } from "@vmenv/api/agent/v1";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
@@ -86,14 +88,19 @@ export function vmCommands(program: Command, cfg: () => ClientConfig, print: Pri
   const vm = program.command("vm").description("virtual machines on the agent");
   const client = () => createDaemonClient(VmService, cfg());
   const name = (id: string) => (id.startsWith("vms/") ? id : `vms/${id}`);
+  const registry = createRegistry(VmSchema, VmSnapshotSchema);
   const printOp = async (op: Operation, wait: boolean) => {
     const done = await finish(cfg(), op, wait);
-    const result = done.result ? anyUnpack(done.result, VmSchema) : undefined;
-    print(result ? toJson(VmSchema, result) : toJson(OperationSchema, done), () =>
-      result
-        ? vmDetail(result)
-        : `${done.kind} ${done.target}: ${OperationState[done.state].toLowerCase()} (${done.name})`,
-    );
+    const vm = done.result ? anyUnpack(done.result, VmSchema) : undefined;
+    const snap = done.result ? anyUnpack(done.result, VmSnapshotSchema) : undefined;
+    const summary = `${done.kind} ${done.target}: ${OperationState[done.state].toLowerCase()} (${done.name})`;
+    if (vm) print(toJson(VmSchema, vm), () => vmDetail(vm));
+    else if (snap)
+      print(
+        toJson(VmSnapshotSchema, snap),
+        () => `${summary}\nsnapshot ${snap.name}: ${bytes(snap.memoryStateBytes)} of memory state`,
+      );
+    else print(toJson(OperationSchema, done, { registry }), () => summary);
   };
 
   vm.command("create <id>")
@@ -134,7 +141,12 @@ export function vmCommands(program: Command, cfg: () => ClientConfig, print: Pri
             boot: {
               method: {
                 case: "directKernel",
-                value: { kernelPath: o.kernel, initrdPath: o.initrd ?? "", cmdline: o.cmdline },
+                // Paths are the agent's; a relative one is taken from where the CLI runs.
+                value: {
+                  kernelPath: resolve(o.kernel),
+                  initrdPath: o.initrd ? resolve(o.initrd) : "",
+                  cmdline: o.cmdline,
+                },
               },
             },
           },
@@ -214,6 +226,75 @@ export function vmCommands(program: Command, cfg: () => ClientConfig, print: Pri
     .option("--no-wait", "return the operation at once")
     .action(async (id: string, o) => {
       await printOp(await client().deleteVm({ name: name(id), force: Boolean(o.force) }), o.wait as boolean);
+    });
+
+  vm.command("snapshot <id> <snapshot-id>")
+    .description("save a running VM's memory and device state (the guest pauses meanwhile)")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, sid: string, o) => {
+      await printOp(
+        await client().snapshotVm({ name: name(id), snapshotId: sid, includeMemory: true }),
+        o.wait as boolean,
+      );
+    });
+
+  vm.command("snapshots <id>")
+    .description("a VM's snapshots")
+    .action(async (id: string) => {
+      const r = await client().listVmSnapshots({ parent: name(id) });
+      print({ vmSnapshots: r.vmSnapshots.map((x) => toJson(VmSnapshotSchema, x)) }, () =>
+        table(
+          ["SNAPSHOT", "STATE", "MEMORY STATE", "CREATED"],
+          r.vmSnapshots.map((x) => [
+            x.name.split("/").pop() ?? "",
+            stateName(x.vmState),
+            bytes(x.memoryStateBytes),
+            x.createTime ? timestampDate(x.createTime).toISOString() : "",
+          ]),
+        ),
+      );
+    });
+
+  vm.command("restore <id> <snapshot-id>")
+    .description("put a stopped VM back where one of its snapshots was")
+    .option("--force", "stop it first if it runs (without asking the guest)")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, sid: string, o) => {
+      const op = await client().restoreVm({
+        name: name(id),
+        snapshot: `${name(id)}/snapshots/${sid}`,
+        force: Boolean(o.force),
+      });
+      await printOp(op, o.wait as boolean);
+    });
+
+  vm.command("clone <id> <new-id>")
+    .description("a new VM from one of a VM's snapshots (it goes on from there), or from a stopped VM")
+    .option("--snapshot <snapshot-id>", "the snapshot to clone from")
+    .option("--no-start", "leave the clone stopped (paused, for a snapshot clone)")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, newId: string, o) => {
+      const op = await client().cloneVm({
+        name: name(id),
+        vmId: newId,
+        start: o.start as boolean,
+        snapshot: o.snapshot ? `${name(id)}/snapshots/${o.snapshot}` : "",
+      });
+      await printOp(op, o.wait as boolean);
+    });
+
+  vm.command("resize <id>")
+    .description("change vCPUs and memory (hotplug when it runs, up to its maximum)")
+    .option("--vcpus <n>", "vCPUs")
+    .option("--memory <size>", "memory, e.g. 512M")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, o) => {
+      const op = await client().resizeVm({
+        name: name(id),
+        ...(o.vcpus ? { vcpus: Number(o.vcpus) } : {}),
+        ...(o.memory ? { memoryBytes: parseSize(o.memory as string) } : {}),
+      });
+      await printOp(op, o.wait as boolean);
     });
 
   vm.command("watch")
