@@ -1,5 +1,7 @@
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { toJson } from "@bufbuild/protobuf";
+import { ValueSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { OperationState, VmmKind, VmRestartPolicy, VmState, WatchEventType } from "@vmenv/api/agent/v1";
 import { ErrorInfoSchema } from "@vmenv/api/google/rpc";
@@ -34,6 +36,26 @@ describe("VmService on real QEMU (TCG)", () => {
     const pid = vm.pid;
     expect(await qemusUnder(agent.dir)).toEqual([pid]);
     expect((await consoleRun(c, "vms/life", "echo $((6*7))", /\b42\b/))[0]).toBe("42");
+
+    // The debugging passthrough reaches QEMU's own monitor.
+    const qmp = await c.vms.executeQmpCommand({ name: "vms/life", command: "query-status" });
+    expect(qmp.returnValue && toJson(ValueSchema, qmp.returnValue)).toMatchObject({
+      running: true,
+      status: "running",
+    });
+    // Labels and restart policy change in place; a stale etag is refused.
+    const labelled = await c.vms.updateVm({
+      vm: { name: "vms/life", labels: { tier: "web" }, etag: vm.etag },
+      updateMask: { paths: ["labels"] },
+    });
+    expect(labelled.labels).toEqual({ tier: "web" });
+    const stale = await err(
+      c.vms.updateVm({
+        vm: { name: "vms/life", labels: {}, etag: vm.etag },
+        updateMask: { paths: ["labels"] },
+      }),
+    );
+    expect(stale.code).toBe(Code.Aborted);
 
     expect((await c.vms.pauseVm({ name: "vms/life" })).state).toBe(VmState.PAUSED);
     expect((await c.vms.pauseVm({ name: "vms/life" })).state).toBe(VmState.PAUSED); // NOOP

@@ -580,6 +580,29 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     );
   }
 
+  /** Changes labels and/or the restart policy; `etag` (when given) must be the current one. */
+  async update(
+    id: string,
+    patch: { labels?: Record<string, string>; restartPolicy?: RestartPolicy },
+    etag?: string,
+  ): Promise<VmRecord> {
+    const e = this.#entry(id);
+    return this.#locked(e, async () => {
+      if (etag && etag !== `"${e.record.generation}"`) {
+        throw new VmenvError(
+          "aborted",
+          `vms/${id} changed since etag ${etag} (now "${e.record.generation}"); read it again`,
+          {
+            reason: "ETAG_MISMATCH",
+            metadata: { vm: `vms/${id}` },
+          },
+        );
+      }
+      await this.#set(e, patch);
+      return e.record;
+    });
+  }
+
   // ---- start-up and shut-down ------------------------------------------------------------------
 
   /**

@@ -235,7 +235,23 @@ export function vmService(m: VmManager): ServiceBinding {
         throw e;
       }
     },
-    updateVm: later("UpdateVm"),
+    async updateVm(req) {
+      if (!req.vm) throw invalidArgument("vm", "is required");
+      const paths = req.updateMask?.paths ?? [];
+      if (paths.length === 0)
+        throw invalidArgument("update_mask", 'name the fields to change: "labels", "restart_policy"');
+      const patch: Parameters<typeof m.update>[1] = {};
+      for (const p of paths) {
+        if (p === "labels") patch.labels = { ...req.vm.labels };
+        else if (p === "restart_policy") patch.restartPolicy = fromPbRestartPolicy(req.vm.restartPolicy);
+        else
+          throw invalidArgument(
+            "update_mask",
+            `"${p}" cannot be changed (only labels and restart_policy can)`,
+          );
+      }
+      return toPbVm(await m.update(vmIdFromName(req.vm.name, "vm.name"), patch, req.vm.etag || undefined));
+    },
     async snapshotVm(req) {
       return op(
         await m.snapshot(vmIdFromName(req.name), req.snapshotId, {
