@@ -12,12 +12,33 @@ export class ConsoleTap extends EventEmitter<{ ready: [string]; data: [Buffer] }
   #tail = "";
   #closed = false;
 
+  /**
+   * `logPath` and `logOffset`: where the VMM logs the console and how long that log was when the VMM
+   * started. Output printed before the tap connects reaches only the log, so the tap also looks there once.
+   */
   constructor(
     private readonly path: string,
     private readonly readyPattern: RegExp,
+    private readonly log?: { path: string; offset: number },
   ) {
     super();
     this.#connect(0);
+  }
+
+  async #scanLog(): Promise<void> {
+    if (!this.log) return;
+    const fh = await open(this.log.path, "r").catch(() => undefined);
+    if (!fh) return;
+    try {
+      const size = (await fh.stat()).size;
+      const start = Math.max(this.log.offset, size - (1 << 20));
+      const buf = Buffer.alloc(Math.max(0, size - start));
+      await fh.read(buf, 0, buf.length, start);
+      for (const l of buf.toString("latin1").split(/\r?\n/))
+        if (this.readyPattern.test(l)) this.emit("ready", l);
+    } finally {
+      await fh.close();
+    }
   }
 
   #connect(attempt: number): void {
@@ -25,6 +46,7 @@ export class ConsoleTap extends EventEmitter<{ ready: [string]; data: [Buffer] }
     const s = net.connect({ path: this.path });
     s.on("connect", () => {
       this.#socket = s;
+      void this.#scanLog().catch(() => undefined);
     });
     s.on("data", (d: Buffer) => {
       this.emit("data", d);

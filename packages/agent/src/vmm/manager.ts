@@ -1,5 +1,5 @@
 import { EventEmitter } from "node:events";
-import { access, constants, readFile } from "node:fs/promises";
+import { access, constants, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import {
   alreadyExists,
@@ -743,6 +743,10 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     try {
       const paths = this.d.store.paths(e.record.id);
       const incoming = from ? join(paths.dir, "incoming.sock") : undefined;
+      const logOffset = await stat(paths.serialLog).then(
+        (st) => st.size,
+        () => 0,
+      );
       const vmm = await driver.launch({
         id: e.record.id,
         spec: e.record.spec,
@@ -751,7 +755,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         paused,
         ...(incoming ? { incoming } : {}),
       });
-      this.#attach(e, vmm);
+      this.#attach(e, vmm, logOffset);
       if (from && incoming) {
         // Stream the saved state in; the guest goes on where it was when the snapshot was taken.
         try {
@@ -783,13 +787,19 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   }
 
   /** Watches a VMM: its exit (stop, guest poweroff or crash) and its console. */
-  #attach(e: Entry, vmm: RunningVmm): void {
+  #attach(e: Entry, vmm: RunningVmm, logOffset?: number): void {
     e.vmm = vmm;
     e.stopping = false;
     e.console?.close();
-    e.console = new ConsoleTap(this.d.store.paths(e.record.id).serialSocket, this.d.guestReadyPattern);
+    const paths = this.d.store.paths(e.record.id);
+    e.console = new ConsoleTap(
+      paths.serialSocket,
+      this.d.guestReadyPattern,
+      logOffset === undefined ? undefined : { path: paths.serialLog, offset: logOffset },
+    );
     e.console.on("ready", () => {
-      void this.#set(e, { guestReadyTimeMs: this.#now(), stateMessage: "guest ready" });
+      if (e.record.guestReadyTimeMs === undefined)
+        void this.#set(e, { guestReadyTimeMs: this.#now(), stateMessage: "guest ready" });
     });
     vmm.on("reset", () => {
       void this.#set(e, { guestReadyTimeMs: undefined, stateMessage: "guest reset" });
