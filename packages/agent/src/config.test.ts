@@ -56,6 +56,7 @@ const defaults: AgentConfig = {
   qemuBinary: undefined,
   kvmProbeTimeoutMs: 3000,
   logLevel: "info",
+  guestReadyPattern: "VMENV-GUEST-READY",
   shutdownGraceMs: 10_000,
 };
 
@@ -73,6 +74,7 @@ const everything: AgentConfig = {
   qemuBinary: "/opt/qemu/bin/qemu-system-x86_64",
   kvmProbeTimeoutMs: 5000,
   logLevel: "debug",
+  guestReadyPattern: "^login:",
   shutdownGraceMs: 2500,
 };
 
@@ -120,6 +122,8 @@ describe("resolveConfig", () => {
       "5000",
       "--log-level",
       "debug",
+      "--guest-ready-pattern",
+      "^login:",
       "--shutdown-grace-ms",
       "2500",
     ]);
@@ -140,6 +144,7 @@ describe("resolveConfig", () => {
       VMENV_AGENT_QEMU_BINARY: "/opt/qemu/bin/qemu-system-x86_64",
       VMENV_AGENT_KVM_PROBE_TIMEOUT_MS: "5000",
       VMENV_AGENT_LOG_LEVEL: "debug",
+      VMENV_AGENT_GUEST_READY_PATTERN: "^login:",
       VMENV_AGENT_SHUTDOWN_GRACE_MS: "2500",
     });
     expect(c).toEqual(everything);
@@ -159,6 +164,7 @@ describe("resolveConfig", () => {
       qemuBinary: "/opt/qemu/bin/qemu-system-x86_64",
       kvmProbeTimeoutMs: 5000,
       logLevel: "debug",
+      guestReadyPattern: "^login:",
       shutdownGraceMs: 2500,
     });
     expect(await resolve(["--config", path])).toEqual(everything);

@@ -17,6 +17,7 @@ import { effectiveAccelerator } from "./host/accelerator.js";
 import { HostInventorySource, probeAccelerators } from "./host/index.js";
 import { hostService } from "./host/rpc.js";
 import { AGENT_VERSION } from "./version.js";
+import { CloudHypervisorDriver } from "./vmm/cloud-hypervisor/driver.js";
 import { VmManager } from "./vmm/manager.js";
 import { QemuDriver } from "./vmm/qemu/driver.js";
 import { packResult, vmService } from "./vmm/rpc.js";
@@ -62,7 +63,13 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   const operations = new Operations(now);
   const vms = new VmManager({
     store: new VmStore(config.stateDir),
-    drivers: { qemu: new QemuDriver({ binary: async () => (await inventory.staticPart()).qemuPath }) },
+    drivers: {
+      qemu: new QemuDriver({ binary: async () => (await inventory.staticPart()).qemuPath }),
+      "cloud-hypervisor": new CloudHypervisorDriver({
+        binary: async () =>
+          (await inventory.staticPart()).vmms.find((v) => v.kind === "cloud-hypervisor" && v.available)?.path,
+      }),
+    },
     operations,
     logger,
     effectiveAccelerator: async () => effectiveAccelerator(config.accelerator, await probes),

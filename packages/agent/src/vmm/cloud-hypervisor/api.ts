@@ -105,6 +105,9 @@ interface RawAnswer {
   text: string;
 }
 
+/** What {@link CloudHypervisorClient.raw} takes as a path: `/vm.info`, `/vmm.ping`, `/vm.add-disk` … */
+const RAW_PATH = /^\/[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)*$/;
+
 const VM_STATES: ReadonlySet<string> = new Set<VmState>([
   "Created",
   "Running",
@@ -252,6 +255,30 @@ export class CloudHypervisorClient {
     return counters;
   }
 
+  /**
+   * Any endpoint, for debugging passthrough: `path` below {@link CH_API_PREFIX} (`/vm.info`), a JSON
+   * body or none. Any 2xx is success; answers the parsed JSON body, or undefined when there is none. Not
+   * in {@link CH_ENDPOINTS}: its caller chooses the path, so the contract test cannot check it.
+   */
+  async raw(method: "GET" | "PUT", path: string, body?: object, options: CallOptions = {}): Promise<unknown> {
+    if (!RAW_PATH.test(path)) throw new TypeError(`not an API endpoint path: ${JSON.stringify(path)}`);
+    const endpoint: ChEndpoint = { method, path, body: body !== undefined, success: [200, 201, 202, 204] };
+    const label = `${method} ${CH_API_PREFIX}${path}`;
+    const answer = await this.#request(endpoint, label, body, options);
+    if (answer.text.trim() === "") return undefined;
+    try {
+      return JSON.parse(answer.text) as unknown;
+    } catch (cause) {
+      throw new CloudHypervisorProtocolError(
+        this.socketPath,
+        label,
+        `answer is not JSON: ${JSON.stringify(answer.text.slice(0, 200))}`,
+        answer.status,
+        { cause },
+      );
+    }
+  }
+
   async #added(
     name: "addDisk" | "addNet" | "addDevice",
     body: object,
@@ -303,9 +330,16 @@ export class CloudHypervisorClient {
   }
 
   /** Sends one request and reads the whole answer; a non-success status throws. */
-  async #call(name: ChEndpointName, body: object | undefined, options: CallOptions = {}): Promise<RawAnswer> {
-    const endpoint: ChEndpoint = CH_ENDPOINTS[name];
-    const label = endpointLabel(name);
+  #call(name: ChEndpointName, body: object | undefined, options: CallOptions = {}): Promise<RawAnswer> {
+    return this.#request(CH_ENDPOINTS[name], endpointLabel(name), body, options);
+  }
+
+  async #request(
+    endpoint: ChEndpoint,
+    label: string,
+    body: object | undefined,
+    options: CallOptions,
+  ): Promise<RawAnswer> {
     const timeoutMs = options.timeoutMs ?? (endpoint.long === true ? this.#longTimeoutMs : this.#timeoutMs);
     const answer = await this.#send(endpoint, label, body, timeoutMs, options.signal);
     if (endpoint.success.includes(answer.status)) return answer;

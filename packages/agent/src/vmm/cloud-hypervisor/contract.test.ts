@@ -95,9 +95,9 @@ describe("the OpenAPI document, read as data", () => {
 });
 
 describe("the client's endpoint table against the document", () => {
-  it("has exactly one entry per client method", () => {
+  it("has exactly one entry per client method (but `raw`, the passthrough, whose path is its caller's)", () => {
     const methods = Object.getOwnPropertyNames(CloudHypervisorClient.prototype).filter(
-      (n) => n !== "constructor",
+      (n) => n !== "constructor" && n !== "raw",
     );
     expect(methods.sort()).toEqual([...endpointNames].sort());
   });

@@ -1,6 +1,6 @@
 /**
- * cloud-hypervisor adapter: a typed client of the VMM's REST API socket and the builders of its request
- * bodies. The test helpers under `testing/` are not part of this surface.
+ * cloud-hypervisor adapter: the `VmmDriver`, a typed client of the VMM's REST API socket and the builders
+ * of its request bodies. The test helpers under `testing/` are not part of this surface.
  */
 export {
   type CallOptions,
@@ -29,6 +29,7 @@ export {
   type ChNumaNodeSpec,
   type ChSerialSpec,
 } from "./config.js";
+export { CloudHypervisorDriver, type CloudHypervisorDriverOptions } from "./driver.js";
 export {
   CloudHypervisorApiError,
   CloudHypervisorError,

@@ -18,7 +18,7 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { createServer, type IncomingHttpHeaders, type Server, type ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { VmConfig, VmState } from "../types.js";
 import { type ChOpenApi, loadChOpenApi } from "./openapi.js";
 
@@ -53,9 +53,25 @@ type FakeVmConfig = VmConfig & { memory?: { hotplugged_size?: number } };
 export interface FakeChApiOptions {
   /** Config the VM gets when a migration is received. Default: no VM appears (the receive still succeeds). */
   incomingConfig?: VmConfig;
+  /**
+   * Listen here instead of in a new temporary folder (the fake `cloud-hypervisor` binary's
+   * `--api-socket`). `close()` then removes the socket only.
+   */
+  socketPath?: string;
+  /**
+   * Called for a request that is valid for the document, before the fake acts on it: an answer returned
+   * here is sent instead (a refusal the VMM process would make, e.g. a socket it cannot bind).
+   */
+  intercept?: (path: string, body: Record<string, unknown> | undefined) => Answer | undefined;
+  /**
+   * Called for every request once the fake has decided on it, before its answer is written (as the VMM
+   * acts before it answers): the request as recorded, its status set, and a promise that resolves once
+   * the answer has been written. A held request comes with no status and `sent` undefined.
+   */
+  onRequest?: (request: RecordedRequest, sent: Promise<void> | undefined) => void;
 }
 
-interface Answer {
+export interface Answer {
   status: number;
   json?: unknown;
   text?: string;
@@ -79,15 +95,17 @@ export class FakeChApi {
   readonly #openApi: ChOpenApi;
   readonly #server: Server;
   readonly #options: FakeChApiOptions;
+  readonly #ownsDir: boolean;
   readonly #failures = new Map<string, { status: number; text: string }>();
   readonly #holds = new Set<string>();
   readonly #waiters: { path: string; resolve: (r: RecordedRequest) => void }[] = [];
   #nextSlot = 6;
   #nextAutoId = 0;
 
-  private constructor(dir: string, openApi: ChOpenApi, options: FakeChApiOptions) {
-    this.dir = dir;
-    this.socketPath = join(dir, "api.sock");
+  private constructor(dir: string | undefined, openApi: ChOpenApi, options: FakeChApiOptions) {
+    this.#ownsDir = dir !== undefined;
+    this.socketPath = options.socketPath ?? join(dir ?? ".", "api.sock");
+    this.dir = dir ?? dirname(this.socketPath);
     this.#openApi = openApi;
     this.#options = options;
     this.#server = createServer((req, res) => {
@@ -99,10 +117,14 @@ export class FakeChApi {
     });
   }
 
-  /** Starts a fake on a socket in a new temporary folder. Call `close()` (in `afterEach`) to remove both. */
+  /**
+   * Starts a fake on a socket in a new temporary folder (or on `options.socketPath`). Call `close()` (in
+   * `afterEach`) to remove both.
+   */
   static async start(options: FakeChApiOptions = {}): Promise<FakeChApi> {
     const openApi = loadChOpenApi();
-    const dir = await mkdtemp(join(tmpdir(), "vmenv-ch-fake-"));
+    const dir =
+      options.socketPath === undefined ? await mkdtemp(join(tmpdir(), "vmenv-ch-fake-")) : undefined;
     const fake = new FakeChApi(dir, openApi, options);
     try {
       await new Promise<void>((resolve, reject) => {
@@ -113,7 +135,7 @@ export class FakeChApi {
         });
       });
     } catch (err) {
-      await rm(dir, { recursive: true, force: true });
+      if (dir !== undefined) await rm(dir, { recursive: true, force: true });
       throw err;
     }
     return fake;
@@ -139,11 +161,14 @@ export class FakeChApi {
     return this.requests.map((r) => `${r.method} ${r.path}`);
   }
 
-  /** Stops the server, cuts open connections and removes the temporary folder. Safe to call twice. */
+  /**
+   * Stops the server, cuts open connections and removes the temporary folder (or the socket given as
+   * `socketPath`). Safe to call twice.
+   */
   async close(): Promise<void> {
     await this.#stopListening();
     this.#server.closeAllConnections();
-    await rm(this.dir, { recursive: true, force: true });
+    await rm(this.#ownsDir ? this.dir : this.socketPath, { recursive: true, force: true });
   }
 
   #stopListening(): Promise<void> {
@@ -158,6 +183,8 @@ export class FakeChApi {
     this.requests.push(record);
     const send = (answer: Answer): void => {
       record.status = answer.status;
+      const sent = new Promise<void>((resolve) => res.once("close", resolve));
+      this.#options.onRequest?.(record, sent);
       this.#answer(method, path, answer, res);
     };
 
@@ -196,11 +223,19 @@ export class FakeChApi {
       send({ status: 400, text: `Error from API: invalid request: ${problems.join("; ")}` });
       return;
     }
-    if (this.#holds.delete(path)) return;
+    if (this.#holds.delete(path)) {
+      this.#options.onRequest?.(record, undefined);
+      return;
+    }
     const failure = this.#failures.get(path);
     if (failure !== undefined) {
       this.#failures.delete(path);
       send({ status: failure.status, text: failure.text });
+      return;
+    }
+    const refusal = this.#options.intercept?.(path, body as Record<string, unknown> | undefined);
+    if (refusal !== undefined) {
+      send(refusal);
       return;
     }
     send(this.#dispatch(path, body as Record<string, unknown> | undefined));
