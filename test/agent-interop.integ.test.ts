@@ -109,10 +109,12 @@ describe("agent interop: independent clients reach HostService", () => {
       "content-type: application/json",
       "-d",
       "{}",
-      `http://${agent.address}/vmenv.agent.v1.VmService/ListVms`,
+      `http://${agent.address}/vmenv.agent.v1.BlockService/ListVolumes`,
     ]);
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");
-    expect(j.message).toMatch(/^vmenv\.agent\.v1\.VmService\/ListVms is not implemented yet: .+/);
+    expect(j.message).toMatch(
+      /^vmenv\.agent\.v1\.BlockService\/ListVolumes is not implemented yet: .+issue #4$/,
+    );
   });
 });
