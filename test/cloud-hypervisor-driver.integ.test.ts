@@ -18,7 +18,6 @@ import {
   CloudHypervisorDriver,
   type CloudHypervisorDriverOptions,
 } from "../packages/agent/src/vmm/cloud-hypervisor/driver.js";
-import { alive, killHard, waitGone } from "../packages/agent/src/vmm/cloud-hypervisor/process.js";
 import {
   type FakeChJournalEntry,
   fakeChJournal,
@@ -26,6 +25,7 @@ import {
 import { loadChOpenApi } from "../packages/agent/src/vmm/cloud-hypervisor/testing/openapi.js";
 import { MIB, type VmSpec } from "../packages/agent/src/vmm/domain.js";
 import type { LaunchRequest, RunningVmm, VmPaths } from "../packages/agent/src/vmm/driver.js";
+import { alive, killHard, waitGone } from "../packages/agent/src/vmm/process.js";
 
 const FAKE = fileURLToPath(
   new URL("../packages/agent/src/vmm/cloud-hypervisor/testing/fake-cloud-hypervisor.mjs", import.meta.url),

@@ -10,7 +10,7 @@ import {
   VmenvError,
 } from "@vmenv/rpc/errors";
 import type { Logger } from "pino";
-import type { OperationRecord, Operations } from "../diagnostics/operations.js";
+import type { OperationHandle, OperationRecord, Operations } from "../diagnostics/operations.js";
 import { ConsoleTap } from "./console.js";
 import {
   type Accelerator,
@@ -173,6 +173,27 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     validateSpec(spec, await this.d.hostLimits());
     const driver = await this.#driver(spec.vmm);
     await this.#checkFiles(spec);
+    return this.#newVm("vm.create", id, spec, opts, async (entry, op) => {
+      if (opts.start) {
+        op.progress(10, "starting the VMM");
+        await this.#launch(entry, driver, false);
+      } else {
+        await this.#set(entry, { state: "stopped" });
+      }
+    });
+  }
+
+  /**
+   * Records a new VM (folder and record, state creating) and runs `build` as an operation. When `build`
+   * fails nothing is left: the VMM (if any) is killed and the folder removed.
+   */
+  async #newVm(
+    kind: string,
+    id: string,
+    spec: VmSpec,
+    opts: { labels: Record<string, string>; restartPolicy: RestartPolicy; requestId?: string },
+    build: (e: Entry, op: OperationHandle) => Promise<void>,
+  ): Promise<OperationRecord> {
     const t = this.#now();
     const record: VmRecord = {
       id,
@@ -201,21 +222,17 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     await this.d.store.save(record);
     this.#emit("created", record);
     return this.d.operations.start(
-      "vm.create",
+      kind,
       `vms/${id}`,
       (op) =>
         this.#locked(entry, async () => {
           try {
-            if (opts.start) {
-              op.progress(10, "starting the VMM");
-              await this.#launch(entry, driver, false);
-            } else {
-              await this.#set(entry, { state: "stopped" });
-            }
+            await build(entry, op);
             return entry.record;
           } catch (err) {
-            // Nothing half-created stays: the VMM (if any) is gone, and so is the folder.
+            entry.stopping = true;
             await entry.vmm?.kill().catch(() => undefined);
+            this.#release(entry);
             this.#vms.delete(id);
             await this.d.store.remove(id);
             this.#emit("deleted", entry.record);
@@ -461,53 +478,16 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     }
     const spec = snap?.spec ?? src.record.spec;
     const driver = await this.#driver(spec.vmm);
-    const t = this.#now();
-    const record: VmRecord = {
-      id: newId,
-      spec,
+    const policy = {
       labels: opts.labels,
       restartPolicy: src.record.restartPolicy,
-      state: "creating",
-      stateMessage: "",
-      accelerator: undefined,
-      pid: undefined,
-      restartCount: 0,
-      createTimeMs: t,
-      updateTimeMs: t,
-      startTimeMs: undefined,
-      guestReadyTimeMs: undefined,
-      generation: 1,
+      ...(opts.requestId ? { requestId: opts.requestId } : {}),
     };
-    const entry: Entry = {
-      record,
-      vmm: undefined,
-      console: undefined,
-      lock: Promise.resolve(),
-      stopping: false,
-    };
-    this.#vms.set(newId, entry);
-    await this.d.store.save(record);
-    this.#emit("created", record);
-    return this.d.operations.start(
-      "vm.clone",
-      `vms/${newId}`,
-      () =>
-        this.#locked(entry, async () => {
-          try {
-            if (snap) await this.#launch(entry, driver, !opts.start || snap.vmState === "paused", snap);
-            else if (opts.start) await this.#launch(entry, driver, false);
-            else await this.#set(entry, { state: "stopped" });
-            return entry.record;
-          } catch (err) {
-            await entry.vmm?.kill().catch(() => undefined);
-            this.#vms.delete(newId);
-            await this.d.store.remove(newId);
-            this.#emit("deleted", entry.record);
-            throw err;
-          }
-        }),
-      opts.requestId ? { requestId: opts.requestId } : {},
-    );
+    return this.#newVm("vm.clone", newId, spec, policy, async (entry) => {
+      if (snap) await this.#launch(entry, driver, !opts.start || snap.vmState === "paused", snap);
+      else if (opts.start) await this.#launch(entry, driver, false);
+      else await this.#set(entry, { state: "stopped" });
+    });
   }
 
   /**

@@ -10,12 +10,12 @@ import { StringDecoder } from "node:string_decoder";
 import { setTimeout as delay } from "node:timers/promises";
 import { type ErrorCode, invalidArgument, unimplemented, VmenvError } from "@vmenv/rpc/errors";
 import type { ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import { alive, killHard, waitGone } from "../process.js";
 import { type CallOptions, CloudHypervisorClient } from "./api.js";
 import { type ChFiles, chArgs, chFiles, chLaunchSpec, startFailed, vmName } from "./cmdline.js";
 import { buildResize, buildVmConfig, ChConfigError } from "./config.js";
 import { CloudHypervisorApiError, CloudHypervisorError, CloudHypervisorUnreachableError } from "./errors.js";
 import { type ChEvent, exitCauseOf, parseChEvents, vmmSignalOf } from "./events.js";
-import { alive, killHard, waitGone } from "./process.js";
 import { SerialRelay } from "./serial-relay.js";
 import type { VmConfig, VmResize } from "./types.js";
 

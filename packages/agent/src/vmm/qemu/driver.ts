@@ -1,31 +1,12 @@
 import { EventEmitter } from "node:events";
-import { readFileSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { setTimeout as delay } from "node:timers/promises";
 import { VmenvError } from "@vmenv/rpc/errors";
 import { execa } from "execa";
 import type { ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import { alive } from "../process.js";
 import { qemuArgs } from "./cmdline.js";
 import { QmpClient, type QmpEvent } from "./qmp.js";
-
-/**
- * Whether a process with this pid runs. A zombie does not: a daemonized QEMU is init's child, and the
- * pid 1 of a container or micro-VM may be slow to reap it.
- */
-export function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== "EPERM") return false;
-  }
-  try {
-    // /proc/<pid>/stat: "pid (comm) S …"; comm may contain spaces and parentheses.
-    const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
-    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
-  } catch {
-    return false;
-  }
-}
 
 /** The process name QEMU gives itself (`-name …,process=vmenv-<id>`), to tell our QEMU from a reused pid. */
 async function commOf(pid: number): Promise<string | undefined> {

@@ -2,9 +2,9 @@ import { readFileSync } from "node:fs";
 import { setTimeout as delay } from "node:timers/promises";
 
 /**
- * Whether a process with this pid runs. A zombie does not: the VMM is started detached, so after an
- * agent restart it is init's child, and the pid 1 of a container may be slow to reap it. (The QEMU
- * adapter has the same check; adapters do not import each other.)
+ * Whether a process with this pid runs. A zombie does not: VMMs are started detached (QEMU daemonizes),
+ * so they are init's children, and the pid 1 of a container or micro-VM may be slow to reap them.
+ * Shared by the VMM adapters.
  */
 export function alive(pid: number): boolean {
   try {
