@@ -206,6 +206,7 @@ async function handStart(id, memMib, t0, deadline) {
     accelerator: "tcg",
     paths,
     paused: false,
+    disks: [],
   });
   const proc = spawn(qemu.path, args, { stdio: ["ignore", "ignore", "pipe"] });
   const serial = serialReady(paths.serialSocket, deadline);

@@ -19,7 +19,7 @@ export function fromPbOperationState(s: StatePb): OperationState | undefined {
 }
 
 /** An operation's error as google.rpc.Status: its code, message and ErrorInfo; unknown errors are INTERNAL. */
-function toStatus(err: Error) {
+export function toStatus(err: Error) {
   const ce =
     err instanceof VmenvError
       ? toConnectError(err)

@@ -3,6 +3,9 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import {
   AcceleratorKind,
   type Vm,
+  VmDeviceKind,
+  VmDeviceState,
+  type VmDisk,
   VmmKind,
   VmRestartPolicy,
   VmSchema,
@@ -12,6 +15,7 @@ import {
   VmState as VmStatePb,
 } from "@vmenv/api/agent/v1";
 import { invalidArgument, unimplemented } from "@vmenv/rpc/errors";
+import { checkDeviceId, type DeviceState, type DiskDevice } from "./devices.js";
 import type { RestartPolicy, VmRecord, VmSpec, VmState } from "./domain.js";
 import type { SnapshotRecord } from "./snapshots.js";
 
@@ -150,12 +154,49 @@ export function snapshotFromName(name: string, field = "snapshot"): [string, str
   return [m[1], m[2]];
 }
 
+/** The API's VmDisk → a domain disk device; INVALID_ARGUMENT naming the field when it is not one. */
+export function fromPbDisk(d: VmDisk, field: string): DiskDevice {
+  checkDeviceId(d.id, `${field}.id`);
+  if (!/^volumes\/[a-z]([a-z0-9-]{0,61}[a-z0-9])?$/.test(d.volume)) {
+    throw invalidArgument(
+      `${field}.volume`,
+      `"${d.volume.slice(0, 80)}" is not a volume name (volumes/{volume})`,
+    );
+  }
+  return { kind: "disk", id: d.id, volume: d.volume, readOnly: d.readOnly, serial: d.serial };
+}
+
+/** The disks of a create request, as devices bound from the start. */
+export function devicesFromPbSpec(s: VmSpecPb | undefined): DeviceState[] {
+  const ids = new Set<string>();
+  return (s?.disks ?? []).map((d, i) => {
+    const device = fromPbDisk(d, `vm.spec.disks[${i}]`);
+    if (ids.has(device.id)) throw invalidArgument(`vm.spec.disks[${i}].id`, `"${device.id}" is used twice`);
+    ids.add(device.id);
+    return { device, bound: true, slot: undefined };
+  });
+}
+
 /** The domain's record → the API's Vm. */
 export function toPbVm(r: VmRecord): Vm {
   const ts = (ms: number | undefined) => (ms === undefined ? undefined : timestampFromMs(ms));
   return create(VmSchema, {
     name: `vms/${r.id}`,
-    spec: toPbSpec(r.spec),
+    spec: {
+      ...toPbSpec(r.spec),
+      disks: r.devices.map((d) => ({
+        id: d.device.id,
+        volume: d.device.volume,
+        readOnly: d.device.readOnly,
+        serial: d.device.serial,
+      })),
+    },
+    devices: r.devices.map((d) => ({
+      id: d.device.id,
+      kind: VmDeviceKind.DISK,
+      state: d.bound ? VmDeviceState.BOUND : VmDeviceState.JOINED,
+      guestAddress: d.slot === undefined || !d.bound ? "" : `rp${d.slot}`,
+    })),
     labels: r.labels,
     restartPolicy: policies[r.restartPolicy],
     state: states[r.state],

@@ -2,6 +2,7 @@
  * The VM domain: specs, records, states, validation. Plain TypeScript, no I/O.
  */
 import { invalidArgument, VmenvError } from "@vmenv/rpc/errors";
+import type { DeviceState } from "./devices.js";
 
 export type VmmKind = "qemu" | "cloud-hypervisor";
 export type Accelerator = "kvm" | "tcg";
@@ -51,6 +52,8 @@ export interface VmRecord {
   guestReadyTimeMs: number | undefined;
   /** Bumped on every change; the etag. */
   generation: number;
+  /** Disks (later NICs and GPUs), joined or bound (seed 002). */
+  devices: DeviceState[];
 }
 
 export const MIB = 1024n * 1024n;

@@ -16,6 +16,21 @@ export interface VmPaths {
   pidFile: string;
 }
 
+/** A disk as the VMM attaches it. */
+export interface AttachedDisk {
+  /** Device id (unique in the VM). */
+  id: string;
+  path: string;
+  format: "raw" | "qcow2";
+  readOnly: boolean;
+  serial: string;
+  /** PCIe root port (QEMU) the disk sits behind. */
+  slot: number;
+}
+
+/** PCIe root ports every QEMU VM gets, so that devices can be hot-plugged behind them. */
+export const HOTPLUG_SLOTS = 8;
+
 export interface LaunchRequest {
   id: string;
   spec: VmSpec;
@@ -23,6 +38,8 @@ export interface LaunchRequest {
   paths: VmPaths;
   /** Start with vCPUs stopped. */
   paused: boolean;
+  /** Disks attached from the start. */
+  disks: AttachedDisk[];
   /**
    * Start from saved state instead of booting: the VMM listens on this Unix socket for the state
    * (`RunningVmm.saveState`'s output), which the agent then streams in.
@@ -61,6 +78,10 @@ export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: [];
   hotplugVcpus(total: number): Promise<void>;
   /** Plugs in `bytes` more memory as one DIMM. */
   hotplugMemory(bytes: bigint): Promise<void>;
+  /** Hot-plugs a disk; nothing of it remains when this fails. */
+  attachDisk(disk: AttachedDisk): Promise<void>;
+  /** Hot-unplugs a disk once the guest has released it; fails (and leaves it attached) after `timeoutMs`. */
+  detachDisk(id: string, timeoutMs: number): Promise<void>;
   /** Debugging passthrough to the VMM's own protocol (QMP for QEMU). */
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown>;
 }

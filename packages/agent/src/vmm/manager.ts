@@ -10,8 +10,18 @@ import {
   VmenvError,
 } from "@vmenv/rpc/errors";
 import type { Logger } from "pino";
+import type { VolumeFile, VolumeResolver } from "../block/ports.js";
 import type { OperationHandle, OperationRecord, Operations } from "../diagnostics/operations.js";
 import { ConsoleTap } from "./console.js";
+import {
+  type Change,
+  type ChangeAction,
+  type Device,
+  type DeviceState,
+  freeSlot,
+  plan,
+  type Step,
+} from "./devices.js";
 import {
   type Accelerator,
   checkTransition,
@@ -25,7 +35,13 @@ import {
   type VmState,
   validateSpec,
 } from "./domain.js";
-import type { ExitCause, RunningVmm, VmmDriver } from "./driver.js";
+import {
+  type AttachedDisk,
+  type ExitCause,
+  HOTPLUG_SLOTS,
+  type RunningVmm,
+  type VmmDriver,
+} from "./driver.js";
 import {
   loadSnapshots,
   receiveInto,
@@ -50,6 +66,16 @@ export interface VmManagerDeps {
   now?: () => number;
   /** Default graceful stop timeout. */
   stopTimeoutMs?: number;
+  /** Resolves `volumes/{id}` for disks (the block service). */
+  volumes?: VolumeResolver;
+}
+
+/** The outcome of one element of a device change set. */
+export interface ChangeResult {
+  deviceId: string;
+  action: ChangeAction;
+  outcome: "applied" | "noop" | "error";
+  error: VmenvError | Error | undefined;
 }
 
 /** A change the Watch stream reports. */
@@ -134,6 +160,8 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       restartPolicy: RestartPolicy;
       start: boolean;
       requestId?: string;
+      /** Disks bound from the start. */
+      devices?: DeviceState[];
     },
   ): Promise<OperationRecord> {
     const replay = this.d.operations.byRequestId(opts.requestId);
@@ -163,16 +191,23 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       restartPolicy: RestartPolicy;
       start: boolean;
       requestId?: string;
+      /** Disks bound from the start. */
+      devices?: DeviceState[];
     },
   ): Promise<OperationRecord> {
     const existing = this.#vms.get(id);
+    const devices = opts.devices ?? [];
     if (existing) {
-      if (!sameSpec(existing.record.spec, spec)) throw alreadyExists("vm", `vms/${id}`);
+      const sameDevices =
+        JSON.stringify(existing.record.devices.map((d) => d.device)) ===
+        JSON.stringify(devices.map((d) => d.device));
+      if (!sameSpec(existing.record.spec, spec) || !sameDevices) throw alreadyExists("vm", `vms/${id}`);
       return this.d.operations.done("vm.create", `vms/${id}`, existing.record, opts.requestId);
     }
     validateSpec(spec, await this.d.hostLimits());
     const driver = await this.#driver(spec.vmm);
     await this.#checkFiles(spec);
+    for (const d of devices) await this.#resolve(d.device);
     return this.#newVm("vm.create", id, spec, opts, async (entry, op) => {
       if (opts.start) {
         op.progress(10, "starting the VMM");
@@ -191,7 +226,12 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     kind: string,
     id: string,
     spec: VmSpec,
-    opts: { labels: Record<string, string>; restartPolicy: RestartPolicy; requestId?: string },
+    opts: {
+      labels: Record<string, string>;
+      restartPolicy: RestartPolicy;
+      requestId?: string;
+      devices?: DeviceState[];
+    },
     build: (e: Entry, op: OperationHandle) => Promise<void>,
   ): Promise<OperationRecord> {
     const t = this.#now();
@@ -210,6 +250,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       startTimeMs: undefined,
       guestReadyTimeMs: undefined,
       generation: 1,
+      devices: opts.devices ?? [],
     };
     const entry: Entry = {
       record,
@@ -583,6 +624,129 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     });
   }
 
+  /** VMs whose devices use `volumes/{id}` (joined or bound): the "uses X" query of seed 002. */
+  usersOf(volumeName: string): string[] {
+    return this.list()
+      .filter((vm) => vm.devices.some((d) => d.device.volume === volumeName))
+      .map((vm) => `vms/${vm.id}`);
+  }
+
+  /**
+   * Applies a device change set in order, each element on its own: APPLIED, NOOP (already so) or ERROR
+   * with its reason; an element that fails leaves no half-attached device. With `validateOnly`, only
+   * plans (and resolves volumes).
+   */
+  async commitDevices(
+    id: string,
+    changes: Change[],
+    opts: { validateOnly?: boolean; etag?: string } = {},
+  ): Promise<{ results: ChangeResult[]; vm: VmRecord }> {
+    const e = this.#entry(id);
+    return this.#locked(e, async () => {
+      if (opts.etag && opts.etag !== `"${e.record.generation}"`) {
+        throw new VmenvError("aborted", `vms/${id} changed since etag ${opts.etag}; read it again`, {
+          reason: "ETAG_MISMATCH",
+          metadata: { vm: `vms/${id}` },
+        });
+      }
+      const results: ChangeResult[] = [];
+      for (const c of changes) {
+        const r: ChangeResult = {
+          deviceId: c.deviceId,
+          action: c.action,
+          outcome: "applied",
+          error: undefined,
+        };
+        results.push(r);
+        const step = plan(`vms/${id}`, e.record.devices, c);
+        if (step.kind === "error") {
+          r.outcome = "error";
+          r.error = step.error;
+          continue;
+        }
+        if (step.kind === "noop") {
+          r.outcome = "noop";
+          continue;
+        }
+        try {
+          if (step.kind === "join" || (step.kind === "bind" && step.join)) await this.#resolve(step.device);
+          if (opts.validateOnly) continue;
+          await this.#applyStep(e, step);
+        } catch (err) {
+          r.outcome = "error";
+          r.error = err as Error;
+        }
+      }
+      return { results, vm: e.record };
+    });
+  }
+
+  async #resolve(d: Device): Promise<VolumeFile> {
+    if (!this.d.volumes) throw unimplemented("disks", "volumes arrive with the block service (issue #4)");
+    return this.d.volumes.resolve(d.volume);
+  }
+
+  async #applyStep(e: Entry, step: Exclude<Step, { kind: "noop" } | { kind: "error" }>): Promise<void> {
+    const devices = () => e.record.devices;
+    const without = (devId: string) => devices().filter((x) => x.device.id !== devId);
+    const running = e.vmm !== undefined;
+    switch (step.kind) {
+      case "join":
+        await this.#set(e, {
+          devices: [...devices(), { device: step.device, bound: false, slot: undefined }],
+        });
+        return;
+      case "bind": {
+        let slot: number | undefined;
+        if (running) {
+          slot = freeSlot(devices(), HOTPLUG_SLOTS);
+          if (slot === undefined) {
+            throw failedPrecondition(
+              `vms/${e.record.id} has no free hotplug slot left (${HOTPLUG_SLOTS} in all)`,
+              "NO_HOTPLUG_SLOT",
+              {
+                vm: `vms/${e.record.id}`,
+              },
+            );
+          }
+          const f = await this.#resolve(step.device);
+          await e.vmm?.attachDisk(attached(step.device, f, slot));
+        }
+        await this.#set(e, {
+          devices: [...without(step.device.id), { device: step.device, bound: true, slot }],
+        });
+        return;
+      }
+      case "unbind":
+      case "leave": {
+        const cur = devices().find((x) => x.device.id === step.device.id);
+        if (running && cur?.bound) await e.vmm?.detachDisk(step.device.id, 30_000);
+        await this.#set(e, {
+          devices:
+            step.kind === "leave"
+              ? without(step.device.id)
+              : [...without(step.device.id), { device: step.device, bound: false, slot: undefined }],
+        });
+        return;
+      }
+    }
+  }
+
+  /** The bound disks of a VM, resolved, each with its root port (assigned now if it had none). */
+  async #boundDisks(e: Entry): Promise<AttachedDisk[]> {
+    const out: AttachedDisk[] = [];
+    const devices = e.record.devices.map((d) => ({ ...d }));
+    for (const d of devices) {
+      if (!d.bound) continue;
+      d.slot ??= freeSlot(devices, HOTPLUG_SLOTS);
+      if (d.slot === undefined)
+        throw failedPrecondition(`vms/${e.record.id} has more disks than hotplug slots`, "NO_HOTPLUG_SLOT");
+      out.push(attached(d.device, await this.#resolve(d.device), d.slot));
+    }
+    if (out.length > 0) await this.#set(e, { devices });
+    return out;
+  }
+
   // ---- start-up and shut-down ------------------------------------------------------------------
 
   /**
@@ -727,12 +891,14 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         (st) => st.size,
         () => 0,
       );
+      const disks = await this.#boundDisks(e);
       const vmm = await driver.launch({
         id: e.record.id,
         spec: e.record.spec,
         accelerator,
         paths,
         paused,
+        disks,
         ...(incoming ? { incoming } : {}),
       });
       this.#attach(e, vmm, logOffset);
@@ -869,3 +1035,7 @@ async function readPid(path: string): Promise<number | undefined> {
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
 export type { VmState };
+
+function attached(d: Device, f: VolumeFile, slot: number): AttachedDisk {
+  return { id: d.id, path: f.path, format: f.format, readOnly: d.readOnly, serial: d.serial, slot };
+}

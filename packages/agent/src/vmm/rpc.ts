@@ -1,7 +1,13 @@
 import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { anyPack, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { VmSchema, VmService, VmSnapshotSchema, WatchEventType } from "@vmenv/api/agent/v1";
+import {
+  DeviceChangeOutcome,
+  VmSchema,
+  VmService,
+  VmSnapshotSchema,
+  WatchEventType,
+} from "@vmenv/api/agent/v1";
 import {
   bind,
   failedPrecondition,
@@ -10,9 +16,11 @@ import {
   unimplemented,
   VmenvError,
 } from "@vmenv/rpc";
-import { toPbOperation } from "../diagnostics/convert.js";
+import { toPbOperation, toStatus } from "../diagnostics/convert.js";
 import { readConsole } from "./console.js";
 import {
+  devicesFromPbSpec,
+  fromPbDisk,
   fromPbRestartPolicy,
   fromPbSpec,
   fromPbState,
@@ -20,6 +28,7 @@ import {
   toPbSnapshot,
   toPbVm,
 } from "./convert.js";
+import { type Change, checkDeviceId } from "./devices.js";
 import { checkVmId, type VmRecord, vmIdFromName } from "./domain.js";
 import type { VmChange, VmManager } from "./manager.js";
 import type { SnapshotRecord } from "./snapshots.js";
@@ -54,12 +63,14 @@ export function vmService(m: VmManager): ServiceBinding {
       checkVmId(req.vmId);
       if (!req.vm) throw invalidArgument("vm", "is required");
       const spec = fromPbSpec(req.vm.spec);
+      const devices = devicesFromPbSpec(req.vm.spec);
       return op(
         await m.create(req.vmId, spec, {
           labels: { ...req.vm.labels },
           restartPolicy: fromPbRestartPolicy(req.vm.restartPolicy),
           start: req.start,
           requestId: req.requestId,
+          devices,
         }),
       );
     },
@@ -313,7 +324,52 @@ export function vmService(m: VmManager): ServiceBinding {
         }),
       );
     },
-    commitVmDeviceChanges: later("CommitVmDeviceChanges"),
+    async commitVmDeviceChanges(req) {
+      const id = vmIdFromName(req.name);
+      if (req.changes.length === 0) throw invalidArgument("changes", "is empty");
+      const changes = req.changes.map((c, i): Change => {
+        const field = `changes[${i}]`;
+        const action = ({ 1: "join", 2: "bind", 3: "unbind", 4: "leave" } as const)[
+          c.action as 1 | 2 | 3 | 4
+        ];
+        if (!action) throw invalidArgument(`${field}.action`, "set JOIN, BIND, UNBIND or LEAVE");
+        const d = c.device;
+        if (d.case === "deviceId") {
+          checkDeviceId(d.value, `${field}.device_id`);
+          return { action, deviceId: d.value, device: undefined };
+        }
+        if (d.case === "disk") {
+          const device = fromPbDisk(d.value, `${field}.disk`);
+          return { action, deviceId: device.id, device };
+        }
+        if (d.case === "nic" || d.case === "gpu") {
+          throw unimplemented(
+            `${field}.${d.case}`,
+            d.case === "nic"
+              ? "NICs arrive with the network service (issue #4)"
+              : "GPUs arrive with issue #5",
+          );
+        }
+        throw invalidArgument(`${field}.device`, "set device_id or a disk");
+      });
+      const { results, vm } = await m.commitDevices(id, changes, {
+        validateOnly: req.validateOnly,
+        etag: req.etag || undefined,
+      });
+      return {
+        results: results.map((r) => ({
+          deviceId: r.deviceId,
+          action: { join: 1, bind: 2, unbind: 3, leave: 4 }[r.action],
+          outcome: {
+            applied: DeviceChangeOutcome.APPLIED,
+            noop: DeviceChangeOutcome.NOOP,
+            error: DeviceChangeOutcome.ERROR,
+          }[r.outcome],
+          ...(r.error ? { error: toStatus(r.error) } : {}),
+        })),
+        vm: toPbVm(vm),
+      };
+    },
     prepareVmMigration: later("PrepareVmMigration"),
     migrateVm: later("MigrateVm"),
     finishVmMigration: later("FinishVmMigration"),

@@ -82,6 +82,7 @@ function revive(doc: {
   const vm = doc.vm;
   return {
     ...vm,
+    devices: vm.devices ?? [],
     spec: {
       ...vm.spec,
       memoryBytes: BigInt(vm.spec.memoryBytes),

@@ -18,6 +18,7 @@ describe("the launch", () => {
     id: "web-1",
     accelerator: "kvm",
     paused: false,
+    disks: [],
     paths,
     spec: {
       vmm: "cloud-hypervisor",

@@ -87,6 +87,13 @@ export function chLaunchSpec(req: LaunchRequest, files: ChFiles): ChLaunchSpec {
       ...(spec.boot.initrdPath !== undefined ? { initrd: spec.boot.initrdPath } : {}),
     },
     serial: { kind: "socket", path: files.vmmSerialSocket },
+    disks: req.disks.map((d) => ({
+      id: d.id,
+      path: d.path,
+      format: d.format,
+      readOnly: d.readOnly,
+      ...(d.serial ? { serial: d.serial } : {}),
+    })),
   };
   if (spec.hostCpus.length > 0) {
     launch.cpuAffinity = Array.from({ length: spec.maxVcpus }, (_, vcpu) => ({

@@ -9,11 +9,11 @@ import { open, rm, stat, writeFile } from "node:fs/promises";
 import { StringDecoder } from "node:string_decoder";
 import { setTimeout as delay } from "node:timers/promises";
 import { type ErrorCode, invalidArgument, unimplemented, VmenvError } from "@vmenv/rpc/errors";
-import type { ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import type { AttachedDisk, ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
 import { alive, killHard, waitGone } from "../process.js";
 import { type CallOptions, CloudHypervisorClient } from "./api.js";
 import { type ChFiles, chArgs, chFiles, chLaunchSpec, startFailed, vmName } from "./cmdline.js";
-import { buildResize, buildVmConfig, ChConfigError } from "./config.js";
+import { buildDiskConfig, buildResize, buildVmConfig, ChConfigError } from "./config.js";
 import { CloudHypervisorApiError, CloudHypervisorError, CloudHypervisorUnreachableError } from "./errors.js";
 import { type ChEvent, exitCauseOf, parseChEvents, vmmSignalOf } from "./events.js";
 import { SerialRelay } from "./serial-relay.js";
@@ -490,6 +490,23 @@ class CloudHypervisorVmm
   }
 
   /** `vm.resize` to `total` vCPUs. */
+  /** `vm.add-disk`; the VMM picks the PCI slot (no root ports to choose from). */
+  async attachDisk(disk: AttachedDisk): Promise<void> {
+    const body = buildDiskConfig({
+      id: disk.id,
+      path: disk.path,
+      format: disk.format,
+      readOnly: disk.readOnly,
+      ...(disk.serial ? { serial: disk.serial } : {}),
+    });
+    await this.#api("vm.add-disk", (o) => this.#client.addDisk(body, o));
+  }
+
+  /** `vm.remove-device`; cloud-hypervisor answers once the guest has ejected it. */
+  async detachDisk(id: string, timeoutMs: number): Promise<void> {
+    await this.#api("vm.remove-device", (o) => this.#client.removeDevice({ id }, { ...o, timeoutMs }));
+  }
+
   async hotplugVcpus(total: number): Promise<void> {
     const body = buildResize({ vcpus: total });
     await this.#api("vm.resize", (o) => this.#client.resize(body, o));

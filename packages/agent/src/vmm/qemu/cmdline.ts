@@ -1,5 +1,5 @@
 import { MIB } from "../domain.js";
-import type { LaunchRequest } from "../driver.js";
+import { type AttachedDisk, HOTPLUG_SLOTS, type LaunchRequest } from "../driver.js";
 
 /**
  * The QEMU command line of a VM. Pure: the same request gives the same arguments. The process
@@ -41,6 +41,13 @@ export function qemuArgs(req: LaunchRequest): string[] {
     paths.pidFile,
     "-daemonize",
   ];
+  for (let i = 0; i < HOTPLUG_SLOTS; i++) {
+    args.push(
+      "-device",
+      `pcie-root-port,id=rp${i},chassis=${i + 1},bus=pcie.0,addr=${(0x10 + i).toString(16)}`,
+    );
+  }
+  for (const d of req.disks) args.push(...diskArgs(d, v));
   if (spec.boot.kind === "kernel") {
     args.push("-kernel", spec.boot.kernelPath);
     if (spec.boot.initrdPath) args.push("-initrd", spec.boot.initrdPath);
@@ -49,4 +56,33 @@ export function qemuArgs(req: LaunchRequest): string[] {
   if (req.paused || req.incoming) args.push("-S");
   if (req.incoming) args.push("-incoming", `unix:${req.incoming}`);
   return args;
+}
+
+/** QEMU objects of one disk: a file node, a format node on it, a virtio-blk device behind its root port. */
+export function diskObjects(d: AttachedDisk) {
+  const ro = d.readOnly ? "on" : "off";
+  return {
+    file: { driver: "file", filename: d.path, "node-name": `f-${d.id}`, "read-only": d.readOnly },
+    format: { driver: d.format, file: `f-${d.id}`, "node-name": `d-${d.id}`, "read-only": d.readOnly },
+    device: {
+      driver: "virtio-blk-pci",
+      id: `disk-${d.id}`,
+      drive: `d-${d.id}`,
+      bus: `rp${d.slot}`,
+      ...(d.serial ? { serial: d.serial } : {}),
+    },
+    ro,
+  };
+}
+
+function diskArgs(d: AttachedDisk, v: (s: string) => string): string[] {
+  const o = diskObjects(d);
+  return [
+    "-blockdev",
+    `driver=file,filename=${v(d.path)},node-name=f-${d.id},read-only=${o.ro}`,
+    "-blockdev",
+    `driver=${d.format},file=f-${d.id},node-name=d-${d.id},read-only=${o.ro}`,
+    "-device",
+    `virtio-blk-pci,id=disk-${d.id},drive=d-${d.id},bus=rp${d.slot}${d.serial ? `,serial=${v(d.serial)}` : ""}`,
+  ];
 }

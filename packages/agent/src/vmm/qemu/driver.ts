@@ -3,9 +3,9 @@ import { readFile, rm } from "node:fs/promises";
 import { setTimeout as delay } from "node:timers/promises";
 import { VmenvError } from "@vmenv/rpc/errors";
 import { execa } from "execa";
-import type { ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import type { AttachedDisk, ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
 import { alive } from "../process.js";
-import { qemuArgs } from "./cmdline.js";
+import { diskObjects, qemuArgs } from "./cmdline.js";
 import { QmpClient, type QmpEvent } from "./qmp.js";
 
 /** The process name QEMU gives itself (`-name …,process=vmenv-<id>`), to tell our QEMU from a reused pid. */
@@ -177,6 +177,40 @@ class QemuVmm
       }
       await delay(50);
     }
+  }
+  async attachDisk(disk: AttachedDisk): Promise<void> {
+    const o = diskObjects(disk);
+    const undo: (() => Promise<unknown>)[] = [];
+    try {
+      await this.qmp.execute("blockdev-add", o.file);
+      undo.push(() => this.qmp.execute("blockdev-del", { "node-name": `f-${disk.id}` }));
+      await this.qmp.execute("blockdev-add", o.format);
+      undo.push(() => this.qmp.execute("blockdev-del", { "node-name": `d-${disk.id}` }));
+      await this.qmp.execute("device_add", o.device);
+    } catch (e) {
+      for (const u of undo.reverse()) await u().catch(() => undefined);
+      throw e;
+    }
+  }
+  async detachDisk(id: string, timeoutMs: number): Promise<void> {
+    const gone = new Promise<boolean>((resolve) => {
+      const t = setTimeout(() => {
+        this.qmp.off("event", onEvent);
+        resolve(false);
+      }, timeoutMs);
+      const onEvent = (e: QmpEvent) => {
+        if (e.event === "DEVICE_DELETED" && e.data.device === `disk-${id}`) {
+          clearTimeout(t);
+          this.qmp.off("event", onEvent);
+          resolve(true);
+        }
+      };
+      this.qmp.on("event", onEvent);
+    });
+    await this.qmp.execute("device_del", { id: `disk-${id}` });
+    if (!(await gone)) throw new Error(`the guest did not release disk ${id} within ${timeoutMs} ms`);
+    await this.qmp.execute("blockdev-del", { "node-name": `d-${id}` });
+    await this.qmp.execute("blockdev-del", { "node-name": `f-${id}` });
   }
   async hotplugVcpus(total: number): Promise<void> {
     type Slot = { type: string; "qom-path"?: string; props: Record<string, number> };
