@@ -109,7 +109,7 @@ describe("agent interop: independent clients reach HostService", () => {
       "content-type: application/json",
       "-d",
       "{}",
-      `http://${agent.address}/vmenv.agent.v1.BlockService/ListVolumes`,
+      `http://${agent.address}/vmenv.agent.v1.NetworkService/ListNetworks`,
     ]);
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");

@@ -1,6 +1,6 @@
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { BlockService, GpuService, NetworkService } from "@vmenv/api/agent/v1";
+import { GpuService, NetworkService } from "@vmenv/api/agent/v1";
 import {
   createLogger,
   type Logger,
@@ -10,6 +10,8 @@ import {
   type TlsServerConfig,
   unimplementedService,
 } from "@vmenv/rpc";
+import { BlockManager } from "./block/manager.js";
+import { blockService, packResult as packBlockResult } from "./block/rpc.js";
 import type { AgentConfig } from "./config.js";
 import { Operations } from "./diagnostics/operations.js";
 import { diagnosticsService } from "./diagnostics/rpc.js";
@@ -61,7 +63,18 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   await mkdir(join(config.stateDir, "tmp"), { recursive: true, mode: 0o700 });
 
   const operations = new Operations(now);
+  // Block storage and VMs know each other only through two ports: VMs resolve volume names through the
+  // block service, and the block service asks the VMs which of them use a volume.
+  let volumeUsers: (volume: string) => string[] = () => [];
+  const blocks = new BlockManager({
+    stateDir: config.stateDir,
+    operations,
+    logger,
+    now,
+    volumeUsers: (v) => volumeUsers(v),
+  });
   const vms = new VmManager({
+    volumes: blocks,
     store: new VmStore(config.stateDir),
     drivers: {
       qemu: new QemuDriver({ binary: async () => (await inventory.staticPart()).qemuPath }),
@@ -95,10 +108,10 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
       now,
     }),
     gate(vmService(vms), ready),
-    unimplementedService(BlockService, issue(4, "block storage")),
+    gate(blockService(blocks), ready),
     unimplementedService(NetworkService, issue(4, "networking")),
     unimplementedService(GpuService, issue(5, "GPU passthrough")),
-    diagnosticsService(operations, packResult),
+    diagnosticsService(operations, (r) => packBlockResult(r) ?? packResult(r)),
   ];
 
   let tls: TlsServerConfig | undefined;
@@ -117,6 +130,8 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     ...(config.listen ? { tcp: { ...config.listen, ...(tls ? { tls } : {}) } } : {}),
   });
   startProbes();
+  volumeUsers = (v) => vms.usersOf(v);
+  await blocks.init();
   await vms.init();
   vmsReady();
   logger.info(

@@ -51,8 +51,6 @@ export function fromPbRestartPolicy(p: VmRestartPolicy): RestartPolicy {
 /** The API's VmSpec → the domain's, defaults filled in; INVALID_ARGUMENT naming the field when it cannot be. */
 export function fromPbSpec(s: VmSpecPb | undefined): VmSpec {
   if (!s) throw invalidArgument("vm.spec", "is required");
-  if (s.disks.length > 0)
-    throw unimplemented("vm.spec.disks", "disks arrive with the block service (issue #4)");
   if (s.nics.length > 0)
     throw unimplemented("vm.spec.nics", "NICs arrive with the network service (issue #4)");
   if (s.gpus.length > 0)
