@@ -114,7 +114,7 @@ describe("agent interop: independent clients reach HostService", () => {
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");
     expect(j.message).toMatch(
-      /^vmenv\.agent\.v1\.BlockService\/ListVolumes is not implemented yet: .+issue #4$/,
+      /^vmenv\.agent\.v1\.NetworkService\/ListNetworks is not implemented yet: .+issue #4$/,
     );
   });
 });
