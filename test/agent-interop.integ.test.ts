@@ -109,12 +109,10 @@ describe("agent interop: independent clients reach HostService", () => {
       "content-type: application/json",
       "-d",
       "{}",
-      `http://${agent.address}/vmenv.agent.v1.NetworkService/ListNetworks`,
+      `http://${agent.address}/vmenv.agent.v1.GpuService/ListGpus`,
     ]);
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");
-    expect(j.message).toMatch(
-      /^vmenv\.agent\.v1\.NetworkService\/ListNetworks is not implemented yet: .+issue #4$/,
-    );
+    expect(j.message).toMatch(/^vmenv\.agent\.v1\.GpuService\/ListGpus is not implemented yet: .+issue #5$/);
   });
 });

@@ -1,6 +1,6 @@
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { GpuService, NetworkService } from "@vmenv/api/agent/v1";
+import { GpuService } from "@vmenv/api/agent/v1";
 import {
   createLogger,
   type Logger,
@@ -18,6 +18,8 @@ import { diagnosticsService } from "./diagnostics/rpc.js";
 import { effectiveAccelerator } from "./host/accelerator.js";
 import { HostInventorySource, probeAccelerators } from "./host/index.js";
 import { hostService } from "./host/rpc.js";
+import { NetworkManager } from "./network/manager.js";
+import { networkService, packResult as packNetworkResult } from "./network/rpc.js";
 import { AGENT_VERSION } from "./version.js";
 import { CloudHypervisorDriver } from "./vmm/cloud-hypervisor/driver.js";
 import { VmManager } from "./vmm/manager.js";
@@ -73,6 +75,7 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     now,
     volumeUsers: (v) => volumeUsers(v),
   });
+  const networks = new NetworkManager({ stateDir: config.stateDir, logger, now });
   const vms = new VmManager({
     volumes: blocks,
     store: new VmStore(config.stateDir),
@@ -109,9 +112,9 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     }),
     gate(vmService(vms), ready),
     gate(blockService(blocks), ready),
-    unimplementedService(NetworkService, issue(4, "networking")),
+    gate(networkService(networks), ready),
     unimplementedService(GpuService, issue(5, "GPU passthrough")),
-    diagnosticsService(operations, (r) => packBlockResult(r) ?? packResult(r)),
+    diagnosticsService(operations, (r) => packBlockResult(r) ?? packNetworkResult(r) ?? packResult(r)),
   ];
 
   let tls: TlsServerConfig | undefined;
@@ -132,6 +135,8 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   startProbes();
   volumeUsers = (v) => vms.usersOf(v);
   await blocks.init();
+  // Taps exist again before the VMs that use them are re-adopted.
+  await networks.init();
   await vms.init();
   vmsReady();
   logger.info(
