@@ -78,6 +78,7 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   const networks = new NetworkManager({ stateDir: config.stateDir, logger, now });
   const vms = new VmManager({
     volumes: blocks,
+    nics: networks,
     store: new VmStore(config.stateDir),
     drivers: {
       qemu: new QemuDriver({ binary: async () => (await inventory.staticPart()).qemuPath }),

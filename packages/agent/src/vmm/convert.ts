@@ -7,6 +7,7 @@ import {
   VmDeviceState,
   type VmDisk,
   VmmKind,
+  type VmNic,
   VmRestartPolicy,
   VmSchema,
   type VmSnapshot,
@@ -15,7 +16,7 @@ import {
   VmState as VmStatePb,
 } from "@vmenv/api/agent/v1";
 import { invalidArgument, unimplemented } from "@vmenv/rpc/errors";
-import { checkDeviceId, type DeviceState, type DiskDevice } from "./devices.js";
+import { checkDeviceId, type Device, type DeviceState, type DiskDevice, type NicDevice } from "./devices.js";
 import type { RestartPolicy, VmRecord, VmSpec, VmState } from "./domain.js";
 import type { SnapshotRecord } from "./snapshots.js";
 
@@ -51,8 +52,6 @@ export function fromPbRestartPolicy(p: VmRestartPolicy): RestartPolicy {
 /** The API's VmSpec → the domain's, defaults filled in; INVALID_ARGUMENT naming the field when it cannot be. */
 export function fromPbSpec(s: VmSpecPb | undefined): VmSpec {
   if (!s) throw invalidArgument("vm.spec", "is required");
-  if (s.nics.length > 0)
-    throw unimplemented("vm.spec.nics", "NICs arrive with the network service (issue #4)");
   if (s.gpus.length > 0)
     throw unimplemented("vm.spec.gpus", "GPU passthrough arrives with the GPU service (issue #5)");
   if (s.hugepageSizeBytes !== 0n)
@@ -164,12 +163,33 @@ export function fromPbDisk(d: VmDisk, field: string): DiskDevice {
   return { kind: "disk", id: d.id, volume: d.volume, readOnly: d.readOnly, serial: d.serial };
 }
 
-/** The disks of a create request, as devices bound from the start. */
+/** The API's VmNic → a domain NIC device. */
+export function fromPbNic(n: VmNic, field: string): NicDevice {
+  checkDeviceId(n.id, `${field}.id`);
+  if (!/^networks\/[a-z]([a-z0-9-]{0,61}[a-z0-9])?$/.test(n.network)) {
+    throw invalidArgument(
+      `${field}.network`,
+      `"${n.network.slice(0, 80)}" is not a network name (networks/{network})`,
+    );
+  }
+  return { kind: "nic", id: n.id, network: n.network, mac: n.macAddress, ip: n.ipAddress };
+}
+
+/** The disks and NICs of a create request, as devices bound from the start. */
 export function devicesFromPbSpec(s: VmSpecPb | undefined): DeviceState[] {
   const ids = new Set<string>();
-  return (s?.disks ?? []).map((d, i) => {
-    const device = fromPbDisk(d, `vm.spec.disks[${i}]`);
-    if (ids.has(device.id)) throw invalidArgument(`vm.spec.disks[${i}].id`, `"${device.id}" is used twice`);
+  const devices: [string, Device][] = [
+    ...(s?.disks ?? []).map((d, i): [string, Device] => [
+      `vm.spec.disks[${i}]`,
+      fromPbDisk(d, `vm.spec.disks[${i}]`),
+    ]),
+    ...(s?.nics ?? []).map((n, i): [string, Device] => [
+      `vm.spec.nics[${i}]`,
+      fromPbNic(n, `vm.spec.nics[${i}]`),
+    ]),
+  ];
+  return devices.map(([field, device]) => {
+    if (ids.has(device.id)) throw invalidArgument(`${field}.id`, `"${device.id}" is used by another device`);
     ids.add(device.id);
     return { device, bound: true, slot: undefined };
   });
@@ -182,16 +202,26 @@ export function toPbVm(r: VmRecord): Vm {
     name: `vms/${r.id}`,
     spec: {
       ...toPbSpec(r.spec),
-      disks: r.devices.map((d) => ({
-        id: d.device.id,
-        volume: d.device.volume,
-        readOnly: d.device.readOnly,
-        serial: d.device.serial,
-      })),
+      disks: r.devices.flatMap(({ device: d }) =>
+        d.kind === "disk" ? [{ id: d.id, volume: d.volume, readOnly: d.readOnly, serial: d.serial }] : [],
+      ),
+      nics: r.devices.flatMap(({ device: d, plug }) =>
+        d.kind === "nic"
+          ? [
+              {
+                id: d.id,
+                network: d.network,
+                macAddress: plug?.mac ?? d.mac,
+                ipAddress: plug?.ip ?? d.ip,
+                port: plug?.port ?? "",
+              },
+            ]
+          : [],
+      ),
     },
     devices: r.devices.map((d) => ({
       id: d.device.id,
-      kind: VmDeviceKind.DISK,
+      kind: d.device.kind === "disk" ? VmDeviceKind.DISK : VmDeviceKind.NIC,
       state: d.bound ? VmDeviceState.BOUND : VmDeviceState.JOINED,
       guestAddress: d.slot === undefined || !d.bound ? "" : `rp${d.slot}`,
     })),

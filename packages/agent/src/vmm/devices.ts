@@ -13,8 +13,28 @@ export interface DiskDevice {
   serial: string;
 }
 
-/** Disks today; NICs and GPUs join with the network and GPU services. */
-export type Device = DiskDevice;
+export interface NicDevice {
+  kind: "nic";
+  id: string;
+  /** `networks/{network}`. */
+  network: string;
+  /** Wanted MAC and IP; empty = derived / allocated by the network service. */
+  mac: string;
+  ip: string;
+}
+
+/** Disks and NICs; GPUs join with the GPU service. */
+export type Device = DiskDevice | NicDevice;
+
+/** Where a NIC is plugged on the host (its port on the network). */
+export interface NicPlug {
+  port: string;
+  tap: string;
+  mac: string;
+  ip: string;
+  prefix: number;
+  gateway: string | undefined;
+}
 
 export interface DeviceState {
   device: Device;
@@ -22,6 +42,8 @@ export interface DeviceState {
   bound: boolean;
   /** PCIe root port the device sits behind while attached (QEMU), e.g. 2 for `rp2`. */
   slot: number | undefined;
+  /** For a NIC: its port, once joined (the port is reserved at JOIN, released at LEAVE). */
+  plug?: NicPlug;
 }
 
 export type ChangeAction = "join" | "bind" | "unbind" | "leave";

@@ -28,6 +28,14 @@ export interface AttachedDisk {
   slot: number;
 }
 
+/** A NIC as the VMM attaches it: a tap on the host. */
+export interface AttachedNic {
+  id: string;
+  tap: string;
+  mac: string;
+  slot: number;
+}
+
 /** PCIe root ports every QEMU VM gets, so that devices can be hot-plugged behind them. */
 export const HOTPLUG_SLOTS = 8;
 
@@ -40,6 +48,8 @@ export interface LaunchRequest {
   paused: boolean;
   /** Disks attached from the start. */
   disks: AttachedDisk[];
+  /** NICs attached from the start. */
+  nics: AttachedNic[];
   /**
    * Start from saved state instead of booting: the VMM listens on this Unix socket for the state
    * (`RunningVmm.saveState`'s output), which the agent then streams in.
@@ -82,6 +92,10 @@ export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: [];
   attachDisk(disk: AttachedDisk): Promise<void>;
   /** Hot-unplugs a disk once the guest has released it; fails (and leaves it attached) after `timeoutMs`. */
   detachDisk(id: string, timeoutMs: number): Promise<void>;
+  /** Hot-plugs a NIC on its tap; nothing of it remains when this fails. */
+  attachNic(nic: AttachedNic): Promise<void>;
+  /** Hot-unplugs a NIC once the guest has released it. */
+  detachNic(id: string, timeoutMs: number): Promise<void>;
   /** Debugging passthrough to the VMM's own protocol (QMP for QEMU). */
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown>;
 }

@@ -12,13 +12,17 @@ import {
 import type { Logger } from "pino";
 import type { VolumeFile, VolumeResolver } from "../block/ports.js";
 import type { OperationHandle, OperationRecord, Operations } from "../diagnostics/operations.js";
+import type { NicBackend } from "../network/ports.js";
 import { ConsoleTap } from "./console.js";
 import {
   type Change,
   type ChangeAction,
   type Device,
   type DeviceState,
+  type DiskDevice,
   freeSlot,
+  type NicDevice,
+  type NicPlug,
   plan,
   type Step,
 } from "./devices.js";
@@ -37,6 +41,7 @@ import {
 } from "./domain.js";
 import {
   type AttachedDisk,
+  type AttachedNic,
   type ExitCause,
   HOTPLUG_SLOTS,
   type RunningVmm,
@@ -68,6 +73,8 @@ export interface VmManagerDeps {
   stopTimeoutMs?: number;
   /** Resolves `volumes/{id}` for disks (the block service). */
   volumes?: VolumeResolver;
+  /** Reserves and releases NIC ports on networks (the network service). */
+  nics?: NicBackend;
 }
 
 /** The outcome of one element of a device change set. */
@@ -207,7 +214,8 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     validateSpec(spec, await this.d.hostLimits());
     const driver = await this.#driver(spec.vmm);
     await this.#checkFiles(spec);
-    for (const d of devices) await this.#resolve(d.device);
+    // Volumes must exist now; NIC ports are reserved when the VM starts.
+    for (const d of devices) if (d.device.kind === "disk") await this.#volume(d.device);
     return this.#newVm("vm.create", id, spec, opts, async (entry, op) => {
       if (opts.start) {
         op.progress(10, "starting the VMM");
@@ -274,6 +282,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
             entry.stopping = true;
             await entry.vmm?.kill().catch(() => undefined);
             this.#release(entry);
+            for (const d of entry.record.devices) await this.#unplug(id, d.device).catch(() => undefined);
             this.#vms.delete(id);
             await this.d.store.remove(id);
             this.#emit("deleted", entry.record);
@@ -368,6 +377,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
           e.stopping = true;
           await e.vmm?.kill();
           this.#release(e);
+          for (const d of e.record.devices) await this.#unplug(id, d.device);
           this.#vms.delete(id);
           await this.d.store.remove(id);
           this.#emit("deleted", e.record);
@@ -627,14 +637,14 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   /** VMs whose devices use `volumes/{id}` (joined or bound): the "uses X" query of seed 002. */
   usersOf(volumeName: string): string[] {
     return this.list()
-      .filter((vm) => vm.devices.some((d) => d.device.volume === volumeName))
+      .filter((vm) => vm.devices.some((d) => d.device.kind === "disk" && d.device.volume === volumeName))
       .map((vm) => `vms/${vm.id}`);
   }
 
   /**
    * Applies a device change set in order, each element on its own: APPLIED, NOOP (already so) or ERROR
-   * with its reason; an element that fails leaves no half-attached device. With `validateOnly`, only
-   * plans (and resolves volumes).
+   * with its reason; an element that fails leaves no half-attached device (and no port reserved for it).
+   * With `validateOnly`, only plans (and resolves volumes).
    */
   async commitDevices(
     id: string,
@@ -659,17 +669,15 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         };
         results.push(r);
         const step = plan(`vms/${id}`, e.record.devices, c);
-        if (step.kind === "error") {
-          r.outcome = "error";
-          r.error = step.error;
-          continue;
-        }
-        if (step.kind === "noop") {
-          r.outcome = "noop";
+        if (step.kind === "error" || step.kind === "noop") {
+          r.outcome = step.kind;
+          if (step.kind === "error") r.error = step.error;
           continue;
         }
         try {
-          if (step.kind === "join" || (step.kind === "bind" && step.join)) await this.#resolve(step.device);
+          if ((step.kind === "join" || (step.kind === "bind" && step.join)) && step.device.kind === "disk") {
+            await this.#volume(step.device);
+          }
           if (opts.validateOnly) continue;
           await this.#applyStep(e, step);
         } catch (err) {
@@ -681,70 +689,123 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     });
   }
 
-  async #resolve(d: Device): Promise<VolumeFile> {
+  async #volume(d: DiskDevice): Promise<VolumeFile> {
     if (!this.d.volumes) throw unimplemented("disks", "volumes arrive with the block service (issue #4)");
     return this.d.volumes.resolve(d.volume);
   }
 
+  /** Reserves the NIC's port on its network (creating its tap), or returns the one it has. */
+  async #plug(vm: string, d: NicDevice, have: NicPlug | undefined): Promise<NicPlug> {
+    if (have) return have;
+    if (!this.d.nics) throw unimplemented("nics", "networks arrive with the network service (issue #4)");
+    const a = await this.d.nics.allocate(d.network, `vms/${vm}`, d.id, {
+      ...(d.mac ? { mac: d.mac } : {}),
+      ...(d.ip ? { ip: d.ip } : {}),
+    });
+    return { port: a.port, tap: a.tap, mac: a.mac, ip: a.ip, prefix: a.prefix, gateway: a.gateway };
+  }
+
+  async #unplug(vm: string, d: Device): Promise<void> {
+    if (d.kind === "nic") await this.d.nics?.release(d.network, `vms/${vm}`, d.id);
+  }
+
   async #applyStep(e: Entry, step: Exclude<Step, { kind: "noop" } | { kind: "error" }>): Promise<void> {
-    const devices = () => e.record.devices;
-    const without = (devId: string) => devices().filter((x) => x.device.id !== devId);
+    const vm = e.record.id;
+    const cur = () => e.record.devices.find((x) => x.device.id === step.device.id);
+    const without = () => e.record.devices.filter((x) => x.device.id !== step.device.id);
     const running = e.vmm !== undefined;
     switch (step.kind) {
-      case "join":
+      case "join": {
+        const plug = step.device.kind === "nic" ? await this.#plug(vm, step.device, undefined) : undefined;
         await this.#set(e, {
-          devices: [...devices(), { device: step.device, bound: false, slot: undefined }],
+          devices: [
+            ...without(),
+            { device: step.device, bound: false, slot: undefined, ...(plug ? { plug } : {}) },
+          ],
         });
         return;
+      }
       case "bind": {
+        const had = cur();
+        const plug = step.device.kind === "nic" ? await this.#plug(vm, step.device, had?.plug) : undefined;
         let slot: number | undefined;
-        if (running) {
-          slot = freeSlot(devices(), HOTPLUG_SLOTS);
-          if (slot === undefined) {
-            throw failedPrecondition(
-              `vms/${e.record.id} has no free hotplug slot left (${HOTPLUG_SLOTS} in all)`,
-              "NO_HOTPLUG_SLOT",
-              {
-                vm: `vms/${e.record.id}`,
-              },
-            );
+        try {
+          if (running) {
+            slot = freeSlot(e.record.devices, HOTPLUG_SLOTS);
+            if (slot === undefined) {
+              throw failedPrecondition(
+                `vms/${vm} has no free hotplug slot left (${HOTPLUG_SLOTS} in all)`,
+                "NO_HOTPLUG_SLOT",
+                {
+                  vm: `vms/${vm}`,
+                },
+              );
+            }
+            if (step.device.kind === "disk")
+              await e.vmm?.attachDisk(attachedDisk(step.device, await this.#volume(step.device), slot));
+            else if (plug) await e.vmm?.attachNic({ id: step.device.id, tap: plug.tap, mac: plug.mac, slot });
           }
-          const f = await this.#resolve(step.device);
-          await e.vmm?.attachDisk(attached(step.device, f, slot));
+        } catch (err) {
+          // A port reserved by this very element is given back.
+          if (!had) await this.#unplug(vm, step.device).catch(() => undefined);
+          throw err;
         }
         await this.#set(e, {
-          devices: [...without(step.device.id), { device: step.device, bound: true, slot }],
+          devices: [...without(), { device: step.device, bound: true, slot, ...(plug ? { plug } : {}) }],
         });
         return;
       }
       case "unbind":
       case "leave": {
-        const cur = devices().find((x) => x.device.id === step.device.id);
-        if (running && cur?.bound) await e.vmm?.detachDisk(step.device.id, 30_000);
-        await this.#set(e, {
-          devices:
-            step.kind === "leave"
-              ? without(step.device.id)
-              : [...without(step.device.id), { device: step.device, bound: false, slot: undefined }],
-        });
+        const had = cur();
+        if (running && had?.bound) {
+          if (step.device.kind === "disk") await e.vmm?.detachDisk(step.device.id, 30_000);
+          else await e.vmm?.detachNic(step.device.id, 30_000);
+        }
+        if (step.kind === "leave") {
+          await this.#unplug(vm, step.device);
+          await this.#set(e, { devices: without() });
+        } else {
+          await this.#set(e, {
+            devices: [
+              ...without(),
+              {
+                device: step.device,
+                bound: false,
+                slot: undefined,
+                ...(had?.plug ? { plug: had.plug } : {}),
+              },
+            ],
+          });
+        }
         return;
       }
     }
   }
 
-  /** The bound disks of a VM, resolved, each with its root port (assigned now if it had none). */
-  async #boundDisks(e: Entry): Promise<AttachedDisk[]> {
-    const out: AttachedDisk[] = [];
+  /** The bound devices of a VM, resolved and plugged, each with its root port (assigned now if it had none). */
+  async #boundDevices(
+    e: Entry,
+  ): Promise<{ disks: AttachedDisk[]; nics: AttachedNic[]; firstNic: NicPlug | undefined }> {
+    const disks: AttachedDisk[] = [];
+    const nics: AttachedNic[] = [];
+    let firstNic: NicPlug | undefined;
     const devices = e.record.devices.map((d) => ({ ...d }));
     for (const d of devices) {
       if (!d.bound) continue;
       d.slot ??= freeSlot(devices, HOTPLUG_SLOTS);
       if (d.slot === undefined)
-        throw failedPrecondition(`vms/${e.record.id} has more disks than hotplug slots`, "NO_HOTPLUG_SLOT");
-      out.push(attached(d.device, await this.#resolve(d.device), d.slot));
+        throw failedPrecondition(`vms/${e.record.id} has more devices than hotplug slots`, "NO_HOTPLUG_SLOT");
+      if (d.device.kind === "disk") {
+        disks.push(attachedDisk(d.device, await this.#volume(d.device), d.slot));
+      } else {
+        d.plug = await this.#plug(e.record.id, d.device, d.plug);
+        firstNic ??= d.plug;
+        nics.push({ id: d.device.id, tap: d.plug.tap, mac: d.plug.mac, slot: d.slot });
+      }
     }
-    if (out.length > 0) await this.#set(e, { devices });
-    return out;
+    if (devices.length > 0) await this.#set(e, { devices });
+    return { disks, nics, firstNic };
   }
 
   // ---- start-up and shut-down ------------------------------------------------------------------
@@ -891,14 +952,15 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         (st) => st.size,
         () => 0,
       );
-      const disks = await this.#boundDisks(e);
+      const { disks, nics, firstNic } = await this.#boundDevices(e);
       const vmm = await driver.launch({
         id: e.record.id,
-        spec: e.record.spec,
+        spec: withNetworkCmdline(e.record.spec, firstNic),
         accelerator,
         paths,
         paused,
         disks,
+        nics,
         ...(incoming ? { incoming } : {}),
       });
       this.#attach(e, vmm, logOffset);
@@ -1036,6 +1098,16 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref()
 
 export type { VmState };
 
-function attached(d: Device, f: VolumeFile, slot: number): AttachedDisk {
+/**
+ * With direct kernel boot, the first NIC's address goes on the kernel command line (`vmenv.ip=`,
+ * `vmenv.gw=`: the test guest's convention; a guest with DHCP may ignore them).
+ */
+function withNetworkCmdline(spec: VmSpec, nic: NicPlug | undefined): VmSpec {
+  if (!nic || spec.boot.kind !== "kernel") return spec;
+  const extra = `vmenv.ip=${nic.ip}/${nic.prefix}${nic.gateway ? ` vmenv.gw=${nic.gateway}` : ""}`;
+  return { ...spec, boot: { ...spec.boot, cmdline: `${spec.boot.cmdline} ${extra}`.trim() } };
+}
+
+function attachedDisk(d: DiskDevice, f: VolumeFile, slot: number): AttachedDisk {
   return { id: d.id, path: f.path, format: f.format, readOnly: d.readOnly, serial: d.serial, slot };
 }

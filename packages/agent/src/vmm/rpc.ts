@@ -21,6 +21,7 @@ import { readConsole } from "./console.js";
 import {
   devicesFromPbSpec,
   fromPbDisk,
+  fromPbNic,
   fromPbRestartPolicy,
   fromPbSpec,
   fromPbState,
@@ -342,14 +343,11 @@ export function vmService(m: VmManager): ServiceBinding {
           const device = fromPbDisk(d.value, `${field}.disk`);
           return { action, deviceId: device.id, device };
         }
-        if (d.case === "nic" || d.case === "gpu") {
-          throw unimplemented(
-            `${field}.${d.case}`,
-            d.case === "nic"
-              ? "NICs arrive with the network service (issue #4)"
-              : "GPUs arrive with issue #5",
-          );
+        if (d.case === "nic") {
+          const device = fromPbNic(d.value, `${field}.nic`);
+          return { action, deviceId: device.id, device };
         }
+        if (d.case === "gpu") throw unimplemented(`${field}.gpu`, "GPU passthrough arrives with issue #5");
         throw invalidArgument(`${field}.device`, "set device_id or a disk");
       });
       const { results, vm } = await m.commitDevices(id, changes, {

@@ -87,6 +87,7 @@ export function chLaunchSpec(req: LaunchRequest, files: ChFiles): ChLaunchSpec {
       ...(spec.boot.initrdPath !== undefined ? { initrd: spec.boot.initrdPath } : {}),
     },
     serial: { kind: "socket", path: files.vmmSerialSocket },
+    nics: req.nics.map((n) => ({ id: n.id, tap: n.tap, mac: n.mac })),
     disks: req.disks.map((d) => ({
       id: d.id,
       path: d.path,

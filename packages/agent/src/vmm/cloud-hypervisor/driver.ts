@@ -9,11 +9,19 @@ import { open, rm, stat, writeFile } from "node:fs/promises";
 import { StringDecoder } from "node:string_decoder";
 import { setTimeout as delay } from "node:timers/promises";
 import { type ErrorCode, invalidArgument, unimplemented, VmenvError } from "@vmenv/rpc/errors";
-import type { AttachedDisk, ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import type {
+  AttachedDisk,
+  AttachedNic,
+  ExitCause,
+  LaunchRequest,
+  RunningVmm,
+  VmmDriver,
+  VmPaths,
+} from "../driver.js";
 import { alive, killHard, waitGone } from "../process.js";
 import { type CallOptions, CloudHypervisorClient } from "./api.js";
 import { type ChFiles, chArgs, chFiles, chLaunchSpec, startFailed, vmName } from "./cmdline.js";
-import { buildDiskConfig, buildResize, buildVmConfig, ChConfigError } from "./config.js";
+import { buildDiskConfig, buildNetConfig, buildResize, buildVmConfig, ChConfigError } from "./config.js";
 import { CloudHypervisorApiError, CloudHypervisorError, CloudHypervisorUnreachableError } from "./errors.js";
 import { type ChEvent, exitCauseOf, parseChEvents, vmmSignalOf } from "./events.js";
 import { SerialRelay } from "./serial-relay.js";
@@ -500,6 +508,16 @@ class CloudHypervisorVmm
       ...(disk.serial ? { serial: disk.serial } : {}),
     });
     await this.#api("vm.add-disk", (o) => this.#client.addDisk(body, o));
+  }
+
+  /** `vm.add-net` on the NIC's tap. */
+  async attachNic(nic: AttachedNic): Promise<void> {
+    const body = buildNetConfig({ id: nic.id, tap: nic.tap, mac: nic.mac });
+    await this.#api("vm.add-net", (o) => this.#client.addNet(body, o));
+  }
+
+  async detachNic(id: string, timeoutMs: number): Promise<void> {
+    await this.detachDisk(id, timeoutMs);
   }
 
   /** `vm.remove-device`; cloud-hypervisor answers once the guest has ejected it. */

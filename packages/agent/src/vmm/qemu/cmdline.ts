@@ -48,6 +48,10 @@ export function qemuArgs(req: LaunchRequest): string[] {
     );
   }
   for (const d of req.disks) args.push(...diskArgs(d, v));
+  for (const n of req.nics) {
+    args.push("-netdev", `tap,id=n-${n.id},ifname=${n.tap},script=no,downscript=no`);
+    args.push("-device", `virtio-net-pci,id=nic-${n.id},netdev=n-${n.id},mac=${n.mac},bus=rp${n.slot}`);
+  }
   if (spec.boot.kind === "kernel") {
     args.push("-kernel", spec.boot.kernelPath);
     if (spec.boot.initrdPath) args.push("-initrd", spec.boot.initrdPath);

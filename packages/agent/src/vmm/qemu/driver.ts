@@ -3,7 +3,15 @@ import { readFile, rm } from "node:fs/promises";
 import { setTimeout as delay } from "node:timers/promises";
 import { VmenvError } from "@vmenv/rpc/errors";
 import { execa } from "execa";
-import type { AttachedDisk, ExitCause, LaunchRequest, RunningVmm, VmmDriver, VmPaths } from "../driver.js";
+import type {
+  AttachedDisk,
+  AttachedNic,
+  ExitCause,
+  LaunchRequest,
+  RunningVmm,
+  VmmDriver,
+  VmPaths,
+} from "../driver.js";
 import { alive } from "../process.js";
 import { diskObjects, qemuArgs } from "./cmdline.js";
 import { QmpClient, type QmpEvent } from "./qmp.js";
@@ -192,14 +200,40 @@ class QemuVmm
       throw e;
     }
   }
-  async detachDisk(id: string, timeoutMs: number): Promise<void> {
+  async attachNic(nic: AttachedNic): Promise<void> {
+    await this.qmp.execute("netdev_add", {
+      type: "tap",
+      id: `n-${nic.id}`,
+      ifname: nic.tap,
+      script: "no",
+      downscript: "no",
+    });
+    try {
+      await this.qmp.execute("device_add", {
+        driver: "virtio-net-pci",
+        id: `nic-${nic.id}`,
+        netdev: `n-${nic.id}`,
+        mac: nic.mac,
+        bus: `rp${nic.slot}`,
+      });
+    } catch (e) {
+      await this.qmp.execute("netdev_del", { id: `n-${nic.id}` }).catch(() => undefined);
+      throw e;
+    }
+  }
+  async detachNic(id: string, timeoutMs: number): Promise<void> {
+    await this.#unplug(`nic-${id}`, timeoutMs);
+    await this.qmp.execute("netdev_del", { id: `n-${id}` });
+  }
+  /** device_del, then wait until the guest has released the device. */
+  async #unplug(device: string, timeoutMs: number): Promise<void> {
     const gone = new Promise<boolean>((resolve) => {
       const t = setTimeout(() => {
         this.qmp.off("event", onEvent);
         resolve(false);
       }, timeoutMs);
       const onEvent = (e: QmpEvent) => {
-        if (e.event === "DEVICE_DELETED" && e.data.device === `disk-${id}`) {
+        if (e.event === "DEVICE_DELETED" && e.data.device === device) {
           clearTimeout(t);
           this.qmp.off("event", onEvent);
           resolve(true);
@@ -207,8 +241,11 @@ class QemuVmm
       };
       this.qmp.on("event", onEvent);
     });
-    await this.qmp.execute("device_del", { id: `disk-${id}` });
-    if (!(await gone)) throw new Error(`the guest did not release disk ${id} within ${timeoutMs} ms`);
+    await this.qmp.execute("device_del", { id: device });
+    if (!(await gone)) throw new Error(`the guest did not release ${device} within ${timeoutMs} ms`);
+  }
+  async detachDisk(id: string, timeoutMs: number): Promise<void> {
+    await this.#unplug(`disk-${id}`, timeoutMs);
     await this.qmp.execute("blockdev-del", { "node-name": `d-${id}` });
     await this.qmp.execute("blockdev-del", { "node-name": `f-${id}` });
   }
