@@ -96,7 +96,7 @@ const spec: VmSpec = {
 };
 
 function request(paths: VmPaths, over: Partial<LaunchRequest> = {}): LaunchRequest {
-  return { id: "web-1", spec, accelerator: "kvm", paths, paused: false, disks: [], ...over };
+  return { id: "web-1", spec, accelerator: "kvm", paths, paused: false, disks: [], nics: [], ...over };
 }
 
 async function journal(paths: VmPaths): Promise<FakeChJournalEntry[]> {

@@ -207,6 +207,7 @@ async function handStart(id, memMib, t0, deadline) {
     paths,
     paused: false,
     disks: [],
+    nics: [],
   });
   const proc = spawn(qemu.path, args, { stdio: ["ignore", "ignore", "pipe"] });
   const serial = serialReady(paths.serialSocket, deadline);

@@ -19,6 +19,7 @@ describe("the launch", () => {
     accelerator: "kvm",
     paused: false,
     disks: [],
+    nics: [],
     paths,
     spec: {
       vmm: "cloud-hypervisor",
