@@ -2,6 +2,7 @@ import { anyPack } from "@bufbuild/protobuf/wkt";
 import { BlockService, StoreSchema, VolumeSchema, VolumeSnapshotSchema } from "@vmenv/api/agent/v1";
 import { bind, invalidArgument, type ServiceBinding } from "@vmenv/rpc";
 import { toPbOperation } from "../diagnostics/convert.js";
+import { noFilter, page } from "../paging.js";
 import { fromPbBackend, fromPbFormat, toPbStore, toPbVolume, toPbVolumeSnapshot } from "./convert.js";
 import { checkId, snapshotFromName, sourceFromName, storeIdFromName, volumeIdFromName } from "./domain.js";
 import type { BlockManager, StoreView, VolumeSnapshotView, VolumeView } from "./manager.js";
@@ -22,25 +23,6 @@ export function packResult(r: unknown) {
     default:
       return undefined;
   }
-}
-
-const noFilter = (filter: string) => {
-  if (filter)
-    throw invalidArgument("filter", "filter expressions are not supported yet; use the typed fields");
-};
-
-/** One page of `all` (sorted by `key`), after the key the token names. */
-function page<T>(all: T[], key: (t: T) => string, pageSize: number, pageToken: string) {
-  const after = pageToken ? Buffer.from(pageToken, "base64url").toString() : "";
-  const size = pageSize > 0 ? Math.min(pageSize, 1000) : 100;
-  if (pageSize < 0) throw invalidArgument("page_size", "must not be negative");
-  const rest = all.filter((t) => key(t) > after);
-  const items = rest.slice(0, size);
-  const last = items[items.length - 1];
-  return {
-    items,
-    next: rest.length > size && last ? Buffer.from(key(last)).toString("base64url") : "",
-  };
 }
 
 /** BlockService: check, convert, call the manager, convert back. */

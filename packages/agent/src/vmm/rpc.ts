@@ -17,6 +17,7 @@ import {
   VmenvError,
 } from "@vmenv/rpc";
 import { toPbOperation, toStatus } from "../diagnostics/convert.js";
+import { noFilter, page } from "../paging.js";
 import { readConsole } from "./console.js";
 import {
   devicesFromPbSpec,
@@ -79,19 +80,15 @@ export function vmService(m: VmManager): ServiceBinding {
       return toPbVm(m.get(vmIdFromName(req.name)));
     },
     listVms(req) {
-      if (req.filter)
-        throw invalidArgument("filter", "filter expressions are not supported yet; use states and labels");
+      noFilter(req.filter, "use states and labels");
       const states = stateSet(req.states);
-      const all = m.list().filter((vm) => matches(vm, states, req.labels));
-      const after = req.pageToken ? Buffer.from(req.pageToken, "base64url").toString() : "";
-      const size = req.pageSize > 0 ? Math.min(req.pageSize, 1000) : 100;
-      const rest = all.filter((vm) => vm.id > after);
-      const page = rest.slice(0, size);
-      return {
-        vms: page.map(toPbVm),
-        nextPageToken:
-          rest.length > size ? Buffer.from(page[page.length - 1]?.id ?? "").toString("base64url") : "",
-      };
+      const p = page(
+        m.list().filter((vm) => matches(vm, states, req.labels)),
+        (vm) => vm.id,
+        req.pageSize,
+        req.pageToken,
+      );
+      return { vms: p.items.map(toPbVm), nextPageToken: p.next };
     },
     async deleteVm(req) {
       return op(
