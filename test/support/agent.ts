@@ -83,6 +83,9 @@ export async function startAgent(
         const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
         const code = await exited;
         clearTimeout(t);
+        // The agent's errors, where a failing test's reader will look for them.
+        const errors = stderr.split("\n").filter((l) => l.includes('"level":50'));
+        if (errors.length > 0) process.stderr.write(`agent ${dir} logged errors:\n${errors.join("\n")}\n`);
         await killProcessesUnder(dir);
         await rm(dir, { recursive: true, force: true });
         return code;

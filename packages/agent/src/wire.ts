@@ -9,6 +9,7 @@ import {
   serve,
   type TlsServerConfig,
   unimplementedService,
+  VmenvError,
 } from "@vmenv/rpc";
 import { BlockManager } from "./block/manager.js";
 import { blockService, packResult as packBlockResult } from "./block/rpc.js";
@@ -64,7 +65,14 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   );
   await mkdir(join(config.stateDir, "tmp"), { recursive: true, mode: 0o700 });
 
-  const operations = new Operations(now);
+  // A failed operation is logged: with its cause when it is not a domain error (the caller only sees
+  // "internal error", and is told to look here).
+  const operations = new Operations(now, 1000, (op, err) => {
+    const line = { operation: `operations/${op.id}`, kind: op.kind, target: op.target };
+    if (err instanceof VmenvError)
+      logger.warn({ ...line, reason: err.reason, error: err.message }, "operation failed");
+    else logger.error({ ...line, err }, "operation failed");
+  });
   // Block storage and VMs know each other only through two ports: VMs resolve volume names through the
   // block service, and the block service asks the VMs which of them use a volume.
   let volumeUsers: (volume: string) => string[] = () => [];

@@ -41,6 +41,8 @@ export class Operations extends EventEmitter<{ changed: [OperationRecord] }> {
   constructor(
     private readonly now: () => number = Date.now,
     private readonly keep = 1000,
+    /** Told about every operation that failed, with its error (the agent logs them). */
+    private readonly onFailed: (op: OperationRecord, err: Error) => void = () => undefined,
   ) {
     super();
     this.setMaxListeners(0);
@@ -93,7 +95,10 @@ export class Operations extends EventEmitter<{ changed: [OperationRecord] }> {
     };
     run(handle).then(
       (result) => this.#finish(op, ac.signal.aborted ? "cancelled" : "succeeded", undefined, result),
-      (err: unknown) => this.#finish(op, ac.signal.aborted ? "cancelled" : "failed", err as Error, undefined),
+      (err: unknown) => {
+        this.#finish(op, ac.signal.aborted ? "cancelled" : "failed", err as Error, undefined);
+        if (!ac.signal.aborted) this.onFailed(op as OperationRecord, err as Error);
+      },
     );
     return op;
   }

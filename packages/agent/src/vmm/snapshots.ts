@@ -90,7 +90,7 @@ export async function receiveInto(
 /** Connects to the VMM's incoming socket (retrying until it listens) and streams `file` into it. */
 export async function sendFrom(file: string, socketPath: string): Promise<void> {
   let conn: net.Socket | undefined;
-  for (let i = 0; i < 100 && !conn; i++) {
+  for (let i = 0; i < 200 && !conn; i++) {
     conn = await new Promise<net.Socket | undefined>((resolve) => {
       const s = net.connect({ path: socketPath });
       s.once("connect", () => resolve(s));

@@ -119,7 +119,8 @@ class QemuVmm
 
   static async connect(paths: VmPaths, pid: number): Promise<QemuVmm | undefined> {
     let lastErr: unknown;
-    for (let i = 0; i < 50; i++) {
+    // Up to 10 s: a loaded host may be slow to let QEMU answer its first monitor connection.
+    for (let i = 0; i < 200; i++) {
       if (!alive(pid)) return undefined;
       try {
         return new QemuVmm(pid, await QmpClient.connect(paths.control, { timeoutMs: 5000 }));
