@@ -74,7 +74,7 @@ export function notFound(kind: string, name: string): VmenvError {
 
 /** A resource with this name exists with a different spec. */
 export function alreadyExists(kind: string, name: string, detail = "with a different spec"): VmenvError {
-  return new VmenvError("already-exists", `${kind} ${name} already exists ${detail}`, {
+  return new VmenvError("already-exists", `${kind} ${name} already exists${detail ? ` ${detail}` : ""}`, {
     reason: `${kind.toUpperCase()}_ALREADY_EXISTS`,
     metadata: { [kind]: name },
   });

@@ -7,7 +7,7 @@ import * as net from "node:net";
  * ready line. What the console printed is also in serial.log (written by the VMM itself, so nothing is
  * lost while the agent is down); history and follow-mode streaming read that file.
  */
-export class ConsoleTap extends EventEmitter<{ ready: [string]; data: [Buffer] }> {
+export class ConsoleTap extends EventEmitter<{ ready: [string] }> {
   #socket: net.Socket | undefined;
   #tail = "";
   #closed = false;
@@ -49,7 +49,6 @@ export class ConsoleTap extends EventEmitter<{ ready: [string]; data: [Buffer] }
       void this.#scanLog().catch(() => undefined);
     });
     s.on("data", (d: Buffer) => {
-      this.emit("data", d);
       const text = this.#tail + d.toString("latin1");
       const lines = text.split(/\r?\n/);
       this.#tail = (lines.pop() ?? "").slice(-4096);
