@@ -22,10 +22,13 @@ interface GlobalOptions {
   tlsServerName?: string;
   output: "table" | "json";
   timeout: string;
+  coordinator: string;
 }
 
 const program = new Command("vmenv")
-  .description("vmenv: run and inspect VMs through a vmenv-agent (and, later, a vmenv-coordinator)")
+  .description(
+    "vmenv: run and inspect VMs through a vmenv-agent, and environments through a vmenv-coordinator",
+  )
   .version(CLI_VERSION, "--client-version", "print the CLI's version only")
   .addOption(
     new Option("--socket <path>", "Unix socket of the local agent")
@@ -55,6 +58,14 @@ const program = new Command("vmenv")
       .default("table"),
   )
   .addOption(new Option("--timeout <ms>", "deadline of each call").env("VMENV_TIMEOUT").default("30000"))
+  .addOption(
+    new Option(
+      "--coordinator <socket|host:port>",
+      "the coordinator, for `tree`, `agent`, `env` and `op`: a Unix socket path or a TCP address",
+    )
+      .env("VMENV_COORDINATOR")
+      .default("/run/vmenv/coordinator.sock"),
+  )
   .showHelpAfterError();
 
 function clientConfig(): ClientConfig {
@@ -78,6 +89,17 @@ function clientConfig(): ClientConfig {
     return { address: o.address, timeoutMs, ...(tls ? { tls } : {}) };
   }
   return { socket: o.socket, timeoutMs };
+}
+
+/** Where the coordinator commands (`tree`, `agent`, `env`, `op`) connect: --coordinator's socket or address. */
+function coordinatorConfig(): ClientConfig {
+  const o = program.opts<GlobalOptions>();
+  const timeoutMs = Number(o.timeout);
+  if (!Number.isInteger(timeoutMs) || timeoutMs <= 0)
+    throw new Error(`--timeout must be a positive integer, got "${o.timeout}"`);
+  return o.coordinator.includes("/")
+    ? { socket: o.coordinator, timeoutMs }
+    : { address: o.coordinator, timeoutMs };
 }
 
 function print(json: unknown, text: () => string): void {
@@ -106,6 +128,8 @@ host
   });
 
 vmCommands(program, clientConfig, print);
+// Coordinator commands take `coordinatorConfig` instead of `clientConfig`.
+void coordinatorConfig;
 
 try {
   await program.parseAsync(process.argv);

@@ -1,0 +1,40 @@
+/**
+ * The coordinator's key layout. One prefix per record type; `/` separates the parts of a key. Ids are
+ * restricted to `[a-z0-9-]` (tree paths add `/` between segments), so no part can contain a separator.
+ *
+ * | key                                  | value                                                |
+ * |--------------------------------------|------------------------------------------------------|
+ * | `meta/layout`                        | layout version of the whole store                    |
+ * | `node/{path}`                        | tree node: description, labels, policy, times, etag  |
+ * | `usage/{path}`                       | usage of the node's whole subtree (claims included)  |
+ * | `agent/{agent}`                      | fleet agent: address, labels, state, last heartbeat  |
+ * | `alloc/{agent}`                      | usage placed on the agent (claims included)          |
+ * | `env/{env}`                          | environment with its members and their placement     |
+ * | `op/{op}`                            | operation with its steps and step data               |
+ * | `opreq/{request id}`                 | id of the operation a request id started             |
+ * | `lock/{env}`                         | id of the operation holding the environment's lock   |
+ * | `claim/{claim}`                      | reservation: agent, usage, tree node, deadline, owner |
+ *
+ * Records of one change are written in one transaction (store.ts), e.g. a member's VM record, its
+ * agent's `alloc/`, and `usage/` of every ancestor of its node.
+ */
+export const keys = {
+  layout: "meta/layout",
+  node: (path: string) => `node/${path}`,
+  nodePrefix: "node/",
+  usage: (path: string) => `usage/${path}`,
+  agent: (id: string) => `agent/${id}`,
+  agentPrefix: "agent/",
+  alloc: (id: string) => `alloc/${id}`,
+  env: (id: string) => `env/${id}`,
+  envPrefix: "env/",
+  op: (id: string) => `op/${id}`,
+  opPrefix: "op/",
+  opRequest: (requestId: string) => `opreq/${requestId}`,
+  lock: (env: string) => `lock/${env}`,
+  claim: (id: string) => `claim/${id}`,
+  claimPrefix: "claim/",
+} as const;
+
+/** The layout version this coordinator writes and reads. */
+export const LAYOUT_VERSION = 1;
