@@ -25,6 +25,7 @@ export { HealthRegistry, healthService, ServingStatus } from "./health.js";
 export { deadlineInterceptor, loggingInterceptor } from "./interceptors.js";
 export type { TlsServerConfig } from "./listen.js";
 export { createLogger, LOG_LEVELS, type Logger, type LogLevel } from "./logger.js";
+export { noFilter, page } from "./paging.js";
 export { DescriptorIndex, reflectionServices } from "./reflection.js";
 export { REQUEST_ID_HEADER, requestIdInterceptor, requestIdOf } from "./request-id.js";
 export {
