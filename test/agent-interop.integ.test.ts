@@ -109,10 +109,10 @@ describe("agent interop: independent clients reach HostService", () => {
       "content-type: application/json",
       "-d",
       "{}",
-      `http://${agent.address}/vmenv.agent.v1.GpuService/ListGpus`,
+      `http://${agent.address}/vmenv.agent.v1.VmService/MigrateVm`,
     ]);
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");
-    expect(j.message).toMatch(/^vmenv\.agent\.v1\.GpuService\/ListGpus is not implemented yet: .+issue #5$/);
+    expect(j.message).toMatch(/^vmenv\.agent\.v1\.VmService\/MigrateVm is not implemented yet: .+issue #3$/);
   });
 });

@@ -377,7 +377,7 @@ describe("network service on real bridges and taps", () => {
       expect(await ping(g1.ns, a.gateway)).toBe(true);
       expect(await ping(g1.ns, g2.ip)).toBe(true);
       const rec = JSON.parse(await readFile(join(stateDir, "networks", `${id("ca")}.json`), "utf8"));
-      if (rec.network.isolation === "no-forwarding") {
+      if (rec.network.isolation === "no-forwarding" || rec.network.isolation === "nftables") {
         expect(await ping(g1.ns, g3.ip)).toBe(false);
         expect(await ping(g3.ns, g1.ip)).toBe(false);
       }

@@ -31,13 +31,18 @@ export interface RunningAgent {
 export async function startAgent(
   extraArgs: string[] = [],
   env: NodeJS.ProcessEnv = {},
-  opts: { dir?: string } = {},
+  opts: {
+    dir?: string;
+    /** Run the agent (and so its VMMs, bridges, taps, nft table) in this network namespace. */
+    netns?: string;
+  } = {},
 ): Promise<RunningAgent> {
   const dir = opts.dir ?? (await mkdtemp(join(tmpdir(), "vmenv-agent-test-")));
   const socket = join(dir, "agent.sock");
   const proc = spawn(
-    process.execPath,
+    opts.netns ? "ip" : process.execPath,
     [
+      ...(opts.netns ? ["netns", "exec", opts.netns, process.execPath] : []),
       agentMain,
       "--state-dir",
       join(dir, "state"),

@@ -58,6 +58,11 @@ const defaults: AgentConfig = {
   logLevel: "info",
   guestReadyPattern: "VMENV-GUEST-READY",
   shutdownGraceMs: 10_000,
+  sysfsRoot: "/sys",
+  nvidiaSmi: "nvidia-smi",
+  cpuOvercommit: 16,
+  reservedCpus: 0,
+  reservedMemoryMib: 512,
 };
 
 /** A configuration where every setting differs from its default. */
@@ -76,6 +81,11 @@ const everything: AgentConfig = {
   logLevel: "debug",
   guestReadyPattern: "^login:",
   shutdownGraceMs: 2500,
+  sysfsRoot: "/srv/sys",
+  nvidiaSmi: "/opt/nvidia/bin/nvidia-smi",
+  cpuOvercommit: 4.5,
+  reservedCpus: 2,
+  reservedMemoryMib: 2048,
 };
 
 describe("resolveConfig", () => {
@@ -126,6 +136,16 @@ describe("resolveConfig", () => {
       "^login:",
       "--shutdown-grace-ms",
       "2500",
+      "--sysfs-root",
+      "/srv/sys",
+      "--nvidia-smi",
+      "/opt/nvidia/bin/nvidia-smi",
+      "--cpu-overcommit",
+      "4.5",
+      "--reserved-cpus",
+      "2",
+      "--reserved-memory-mib",
+      "2048",
     ]);
     expect(c).toEqual(everything);
   });
@@ -146,6 +166,11 @@ describe("resolveConfig", () => {
       VMENV_AGENT_LOG_LEVEL: "debug",
       VMENV_AGENT_GUEST_READY_PATTERN: "^login:",
       VMENV_AGENT_SHUTDOWN_GRACE_MS: "2500",
+      VMENV_AGENT_SYSFS_ROOT: "/srv/sys",
+      VMENV_AGENT_NVIDIA_SMI: "/opt/nvidia/bin/nvidia-smi",
+      VMENV_AGENT_CPU_OVERCOMMIT: "4.5",
+      VMENV_AGENT_RESERVED_CPUS: "2",
+      VMENV_AGENT_RESERVED_MEMORY_MIB: "2048",
     });
     expect(c).toEqual(everything);
   });
@@ -166,6 +191,11 @@ describe("resolveConfig", () => {
       logLevel: "debug",
       guestReadyPattern: "^login:",
       shutdownGraceMs: 2500,
+      sysfsRoot: "/srv/sys",
+      nvidiaSmi: "/opt/nvidia/bin/nvidia-smi",
+      cpuOvercommit: 4.5,
+      reservedCpus: 2,
+      reservedMemoryMib: 2048,
     });
     expect(await resolve(["--config", path])).toEqual(everything);
   });

@@ -18,6 +18,18 @@ export interface AgentConfig {
   logLevel: LogLevel;
   guestReadyPattern: string;
   shutdownGraceMs: number;
+  /** Where sysfs is mounted: the GPU inventory reads (and assignment writes) PCI devices under it. */
+  sysfsRoot: string;
+  /** nvidia-smi to ask about NVIDIA GPUs (a name looked up on PATH, or a path); missing is fine. */
+  nvidiaSmi: string;
+  /** vCPUs offered per logical CPU (HostCapacity.vcpus_allocatable). */
+  cpuOvercommit: number;
+  /** Logical CPUs kept for the host, not offered to VMs. */
+  reservedCpus: number;
+  /** Memory kept for the host, not offered to VMs, in MiB. */
+  reservedMemoryMib: number;
+  /** host:port of the Prometheus endpoint (/metrics); undefined: off. */
+  metricsListen: { host: string; port: number } | undefined;
 }
 
 /** One setting: its flag, environment variable, config-file key, default and meaning. */
@@ -181,6 +193,65 @@ const settings = [
     default: "10000",
     help: "on SIGTERM, how long calls in flight may take to finish",
     parse: int("--shutdown-grace-ms", 0),
+  }),
+  s({
+    key: "sysfsRoot",
+    flag: "--sysfs-root <dir>",
+    env: "VMENV_AGENT_SYSFS_ROOT",
+    default: "/sys",
+    help: "where sysfs is: PCI devices and IOMMU groups of the GPU inventory (a fixture tree in tests)",
+    parse: (r) => r,
+  }),
+  s({
+    key: "nvidiaSmi",
+    flag: "--nvidia-smi <path>",
+    env: "VMENV_AGENT_NVIDIA_SMI",
+    default: "nvidia-smi",
+    help: "nvidia-smi for GPU model, memory and MIG mode (looked up on PATH; none is fine)",
+    parse: (r) => r,
+  }),
+  s({
+    key: "cpuOvercommit",
+    flag: "--cpu-overcommit <ratio>",
+    env: "VMENV_AGENT_CPU_OVERCOMMIT",
+    default: "16",
+    help: "vCPUs offered per logical CPU of the host (placement and VM create refuse beyond it)",
+    parse: (r) => {
+      const n = Number(r);
+      if (!Number.isFinite(n) || n < 0.1 || n > 1000)
+        throw new ConfigError(`--cpu-overcommit must be a number between 0.1 and 1000, got "${r}"`);
+      return n;
+    },
+  }),
+  s({
+    key: "reservedCpus",
+    flag: "--reserved-cpus <n>",
+    env: "VMENV_AGENT_RESERVED_CPUS",
+    default: "0",
+    help: "logical CPUs kept for the host, not offered to VMs",
+    parse: int("--reserved-cpus", 0),
+  }),
+  s({
+    key: "reservedMemoryMib",
+    flag: "--reserved-memory-mib <MiB>",
+    env: "VMENV_AGENT_RESERVED_MEMORY_MIB",
+    default: "512",
+    help: "memory kept for the host, not offered to VMs",
+    parse: int("--reserved-memory-mib", 0),
+  }),
+  s({
+    key: "metricsListen",
+    flag: "--metrics-listen <host:port>",
+    env: "VMENV_AGENT_METRICS_LISTEN",
+    default: undefined,
+    help: 'HTTP address of the Prometheus endpoint (GET /metrics: host and VM statistics); off unless set; "off" disables it',
+    parse: (r) => {
+      try {
+        return parseListen(r);
+      } catch {
+        throw new ConfigError(`--metrics-listen must be host:port (or "off"), got "${r}"`);
+      }
+    },
   }),
 ];
 

@@ -1,6 +1,5 @@
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { GpuService } from "@vmenv/api/agent/v1";
 import {
   createLogger,
   type Logger,
@@ -8,21 +7,27 @@ import {
   type ServiceBinding,
   serve,
   type TlsServerConfig,
-  unimplementedService,
   VmenvError,
 } from "@vmenv/rpc";
 import { BlockManager } from "./block/manager.js";
 import { blockService, packResult as packBlockResult } from "./block/rpc.js";
 import type { AgentConfig } from "./config.js";
+import { Diagnostics } from "./diagnostics/index.js";
 import { Operations } from "./diagnostics/operations.js";
-import { diagnosticsService } from "./diagnostics/rpc.js";
+import { GpuManager } from "./gpu/manager.js";
+import { queryNvidiaSmi } from "./gpu/nvidia-smi.js";
+import { PciNames } from "./gpu/pci-ids.js";
+import { gpuService, packResult as packGpuResult } from "./gpu/rpc.js";
+import { SysfsPci } from "./gpu/sysfs.js";
 import { effectiveAccelerator } from "./host/accelerator.js";
+import { CapacitySource } from "./host/capacity-source.js";
 import { HostInventorySource, probeAccelerators } from "./host/index.js";
 import { hostService } from "./host/rpc.js";
 import { NetworkManager } from "./network/manager.js";
 import { networkService, packResult as packNetworkResult } from "./network/rpc.js";
 import { AGENT_VERSION } from "./version.js";
 import { CloudHypervisorDriver } from "./vmm/cloud-hypervisor/driver.js";
+import type { VmRecord } from "./vmm/domain.js";
 import { VmManager } from "./vmm/manager.js";
 import { QemuDriver } from "./vmm/qemu/driver.js";
 import { packResult, vmService } from "./vmm/rpc.js";
@@ -37,7 +42,9 @@ export interface Agent {
 
 /** The composition root of vmenv-agent: builds every adapter and service and serves them. */
 export async function startAgent(config: AgentConfig, now: () => number = Date.now): Promise<Agent> {
-  const logger = createLogger("vmenv-agent", config.logLevel);
+  // Every log line also goes to the diagnostics' ring (StreamLogs), with the operation it was logged for.
+  const diagnostics = new Diagnostics(now);
+  const logger = createLogger("vmenv-agent", config.logLevel, undefined, diagnostics.loggerExtras);
   const startTimeMs = now();
   await mkdir(config.stateDir, { recursive: true, mode: 0o750 });
 
@@ -68,6 +75,7 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   // A failed operation is logged: with its cause when it is not a domain error (the caller only sees
   // "internal error", and is told to look here).
   const operations = new Operations(now, 1000, (op, err) => {
+    diagnostics.errors.recordOperation(op, err);
     const line = { operation: `operations/${op.id}`, kind: op.kind, target: op.target };
     if (err instanceof VmenvError)
       logger.warn({ ...line, reason: err.reason, error: err.message }, "operation failed");
@@ -76,14 +84,44 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   // Block storage and VMs know each other only through two ports: VMs resolve volume names through the
   // block service, and the block service asks the VMs which of them use a volume.
   let volumeUsers: (volume: string) => string[] = () => [];
+  // Storage daemons follow the VMs that have their volume open; a live resize goes through those VMMs.
+  let activeUsers: (volume: string) => string[] = () => [];
+  let liveResize: (volume: string, size: bigint) => Promise<string[]> = async () => [];
   const blocks = new BlockManager({
     stateDir: config.stateDir,
     operations,
     logger,
     now,
     volumeUsers: (v) => volumeUsers(v),
+    activeUsers: (v) => activeUsers(v),
+    liveResize: (v, size) => liveResize(v, size),
   });
   const networks = new NetworkManager({ stateDir: config.stateDir, logger, now });
+  // GPUs and VMs know each other through two ports: a VM checks that its GPU is assigned to it and on
+  // vfio-pci, and a GPU is not released while a VM has it bound.
+  let gpuUsers: (gpu: string) => string[] = () => [];
+  const gpus = new GpuManager({
+    pci: new SysfsPci(config.sysfsRoot),
+    names: new PciNames("/usr/share/misc/pci.ids"),
+    vendor: () => queryNvidiaSmi(config.nvidiaSmi),
+    stateDir: config.stateDir,
+    operations,
+    logger,
+    now,
+    boundBy: (g) => gpuUsers(g),
+  });
+  // The VMs are known once VmManager exists; capacity reads them at each call.
+  let allVms: () => readonly VmRecord[] = () => [];
+  const capacity = new CapacitySource({
+    inventory: () => inventory.read(),
+    vms: () => allVms(),
+    gpus: () => gpus.list(),
+    settings: {
+      cpuOvercommit: config.cpuOvercommit,
+      reservedCpus: config.reservedCpus,
+      reservedMemoryBytes: BigInt(config.reservedMemoryMib) * 1024n * 1024n,
+    },
+  });
   const vms = new VmManager({
     volumes: blocks,
     nics: networks,
@@ -104,12 +142,15 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     },
     guestReadyPattern: new RegExp(config.guestReadyPattern),
     now,
+    gpus,
+    capacity: () => capacity.checker(),
   });
+  allVms = () => vms.list();
+  gpuUsers = (g) => vms.gpuUsersOf(g);
   // VM calls wait until the VMs of a previous agent have been found again.
   let vmsReady: () => void = () => undefined;
   const ready = new Promise<void>((resolve) => (vmsReady = resolve));
 
-  const issue = (n: number, what: string) => `${what} arrives with issue #${n}`;
   const services = [
     hostService({
       inventory: () => inventory.read(),
@@ -118,12 +159,17 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
       version: AGENT_VERSION,
       startTimeMs,
       now,
+      capacity: () => capacity.snapshot(),
     }),
     gate(vmService(vms), ready),
     gate(blockService(blocks), ready),
     gate(networkService(networks), ready),
-    unimplementedService(GpuService, issue(5, "GPU passthrough")),
-    diagnosticsService(operations, (r) => packBlockResult(r) ?? packNetworkResult(r) ?? packResult(r)),
+    gate(gpuService(gpus), ready),
+    diagnostics.service({
+      operations,
+      vms,
+      pack: (r) => packBlockResult(r) ?? packNetworkResult(r) ?? packGpuResult(r) ?? packResult(r),
+    }),
   ];
 
   let tls: TlsServerConfig | undefined;
@@ -146,14 +192,30 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
   await blocks.init();
   // Taps exist again before the VMs that use them are re-adopted.
   await networks.init();
+  await gpus.init();
   await vms.init();
+  // With the VMs known: adopted storage daemons nobody uses stop, dead ones in use restart. Then they
+  // follow every VM change, and a slow tick catches daemons that died between changes.
+  activeUsers = (v) => vms.activeUsersOf(v);
+  liveResize = (v, size) => vms.resizeVolumeLive(v, size);
+  await blocks.reconcileDaemons();
+  vms.on("change", () => blocks.scheduleReconcile());
+  const daemonTick = setInterval(() => blocks.scheduleReconcile(), 10_000);
+  daemonTick.unref();
   vmsReady();
+  const metricsAddress = await diagnostics.start({
+    operations,
+    vms,
+    logger,
+    metricsListen: config.metricsListen,
+  });
   logger.info(
     {
       version: AGENT_VERSION,
       unixSocket: server.unixSocket,
       tcpAddress: server.tcpAddress,
       tls: tls !== undefined,
+      metricsAddress,
     },
     "vmenv-agent ready",
   );
@@ -162,9 +224,11 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     server,
     stop: async () => {
       stopProbes.abort();
-      await Promise.all([server.close(config.shutdownGraceMs), probesDone]);
-      // The VMs keep running: the next agent adopts them.
+      await Promise.all([server.close(config.shutdownGraceMs), probesDone, diagnostics.stop()]);
+      // The VMs and storage daemons keep running: the next agent adopts them.
+      clearInterval(daemonTick);
       vms.detachAll();
+      blocks.detachDaemons();
     },
   };
 }

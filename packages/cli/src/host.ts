@@ -65,5 +65,45 @@ export function hostInfoTable(h: HostInfo): string {
       a.detail,
     ]),
   );
-  return [summary, numa, huge, vmms, accels].join("\n\n");
+  const c = h.capacity;
+  const capacity = c
+    ? table(
+        ["CAPACITY", "ALLOCATED", "ALLOCATABLE", "NOTE"],
+        [
+          [
+            "vCPUs",
+            String(c.vcpusAllocated),
+            String(c.vcpusAllocatable),
+            `overcommit ${c.cpuOvercommitRatio}, ${c.reservedCpus} CPU(s) kept for the host`,
+          ],
+          [
+            "memory",
+            bytes(c.memoryAllocatedBytes),
+            bytes(c.memoryAllocatableBytes),
+            `${bytes(c.reservedMemoryBytes)} kept for the host`,
+          ],
+          ...c.hugepages.map((p) => [
+            `hugepages ${bytes(p.pageSizeBytes)}`,
+            String(p.pagesAllocated),
+            String(p.pagesAllocatable),
+            "pages",
+          ]),
+          ["GPUs", String(c.gpusTotal - c.gpusFree), String(c.gpusTotal), `${c.gpusFree} free`],
+          [
+            "GPU memory",
+            bytes(c.gpuMemoryTotalBytes - c.gpuMemoryFreeBytes),
+            bytes(c.gpuMemoryTotalBytes),
+            `${bytes(c.gpuMemoryFreeBytes)} free`,
+          ],
+          ["VMs", String(c.vms), "-", `${c.runningVms} running`],
+          ...c.numaNodes.map((n) => [
+            `node ${n.id} vCPUs`,
+            String(n.vcpusAllocated),
+            String(n.vcpusAllocatable),
+            `memory ${bytes(n.memoryAllocatableBytes)}, GPUs ${n.gpusFree}/${n.gpusTotal} free`,
+          ]),
+        ],
+      )
+    : "";
+  return [summary, numa, huge, capacity, vmms, accels].filter(Boolean).join("\n\n");
 }

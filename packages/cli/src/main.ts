@@ -4,8 +4,14 @@ import { toJson } from "@bufbuild/protobuf";
 import { HostInfoSchema, HostService } from "@vmenv/api/agent/v1";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import { Command, Option } from "commander";
+import { agentCommands } from "./agent.js";
+import { diagCommands } from "./diag.js";
+import { envCommands } from "./env.js";
 import { describeError } from "./errors.js";
+import { gpuCommands } from "./gpu.js";
 import { hostInfoTable } from "./host.js";
+import { opCommands } from "./op.js";
+import { treeCommands } from "./tree.js";
 import { vmCommands } from "./vm.js";
 
 const CLI_VERSION = (
@@ -128,8 +134,14 @@ host
   });
 
 vmCommands(program, clientConfig, print);
+gpuCommands(program, clientConfig, print);
+diagCommands(program, clientConfig, print);
 // Coordinator commands take `coordinatorConfig` instead of `clientConfig`.
+opCommands(program, coordinatorConfig, print);
 void coordinatorConfig;
+treeCommands(program, coordinatorConfig, print);
+agentCommands(program, coordinatorConfig, print);
+envCommands(program, coordinatorConfig, print);
 
 try {
   await program.parseAsync(process.argv);

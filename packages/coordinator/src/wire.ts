@@ -1,14 +1,20 @@
 import { mkdir } from "node:fs/promises";
-import {
-  AgentService,
-  EnvironmentService,
-  OperationService,
-  ResourceService,
-} from "@vmenv/api/coordinator/v1";
-import { createLogger, type Logger, type RpcServer, serve, unimplementedService } from "@vmenv/rpc";
+import { createLogger, type Logger, type RpcServer, serve } from "@vmenv/rpc";
 import type { CoordinatorConfig } from "./config.js";
+import { Collector } from "./env/collector.js";
+import { packEnvironmentResult } from "./env/convert.js";
+import { MemberEvents } from "./env/events.js";
+import { environmentKinds } from "./env/ops.js";
+import { environmentService } from "./env/rpc.js";
+import { Fleet } from "./fleet/fleet.js";
+import { agentService } from "./fleet/rpc.js";
+import { toPbOperation } from "./ops/convert.js";
+import { OperationEngine } from "./ops/engine.js";
+import { operationService } from "./ops/rpc.js";
 import { systemClock } from "./ports.js";
 import { openLevelStore } from "./store/level.js";
+import { resourceService } from "./tree/rpc.js";
+import { ResourceTree } from "./tree/tree.js";
 import { COORDINATOR_VERSION } from "./version.js";
 
 export interface Coordinator {
@@ -27,16 +33,58 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
   void clock;
 
   // --- resource tree (tree/) ---
-  const resourceSvc = unimplementedService(ResourceService, "the resource tree is being built");
+  const tree = new ResourceTree(store, clock);
+  const resourceSvc = resourceService(tree);
   // --- fleet and placement (fleet/, placement/) ---
-  const agentSvc = unimplementedService(AgentService, "the fleet is being built");
+  const fleet = new Fleet({
+    store,
+    clock,
+    logger: logger.child({ component: "fleet" }),
+    heartbeatIntervalMs: config.heartbeatIntervalMs,
+    heartbeatTimeoutMs: config.heartbeatTimeoutMs,
+  });
+  await fleet.start();
+  const agentSvc = agentService(fleet);
   // --- operations engine (ops/) ---
-  const operationSvc = unimplementedService(OperationService, "operations are being built");
+  // VMENV_COORDINATOR_CRASH_POINT=N (hidden, for crash tests): SIGKILL at the N-th crash point.
+  const crashPoint = Number(process.env.VMENV_COORDINATOR_CRASH_POINT ?? 0);
+  const engine = new OperationEngine({
+    store,
+    clock,
+    logger: logger.child({ component: "operations" }),
+    ...(Number.isInteger(crashPoint) && crashPoint > 0 ? { crashPoint } : {}),
+  });
+  const packOp = (op: Parameters<typeof packEnvironmentResult>[0]) => {
+    const result = packEnvironmentResult(op);
+    return result ? { result } : {};
+  };
+  const operationSvc = operationService(engine, packOp);
   // --- environments (env/) ---
-  const environmentSvc = unimplementedService(EnvironmentService, "environments are being built");
+  const envDeps = {
+    store,
+    tree,
+    fleet,
+    clock,
+    logger: logger.child({ component: "environments" }),
+    reservationTtlMs: config.reservationTtlMs,
+  };
+  for (const kind of environmentKinds(envDeps)) engine.register(kind);
+  const environmentSvc = environmentService({
+    ...envDeps,
+    engine,
+    toOperation: (op) => toPbOperation(op, packOp, engine.mayCancel(op)),
+  });
+  const collector = new Collector({ ...envDeps, logger: logger.child({ component: "collector" }) });
+  const memberEvents = new MemberEvents(envDeps);
+  memberEvents.attach(fleet);
 
   let server: RpcServer;
   try {
+    await engine.resumeAll();
+    collector.start(config.collectorIntervalMs);
+    await memberEvents
+      .coordinatorStart()
+      .catch((err: unknown) => logger.warn({ err }, "coordinatorStart hooks failed"));
     server = await serve({
       services: [resourceSvc, agentSvc, operationSvc, environmentSvc],
       logger,
@@ -44,6 +92,9 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
       ...(config.listen ? { tcp: config.listen } : {}),
     });
   } catch (err) {
+    await collector.stop();
+    await engine.stop();
+    await fleet.stop();
     await store.close();
     throw err;
   }
@@ -60,7 +111,10 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     logger,
     server,
     stop: async () => {
+      await collector.stop();
+      await engine.stop();
       await server.close(config.shutdownGraceMs);
+      await fleet.stop();
       await store.close();
     },
   };

@@ -78,7 +78,7 @@ export function toPbVolume(v: VolumeView): Volume {
     source: r.source,
     backing: r.backing,
     usedBy: v.usedBy,
-    backendAddress: "",
+    backendAddress: v.backendAddress,
     createTime: timestampFromMs(r.createTimeMs),
     updateTime: timestampFromMs(r.updateTimeMs),
   });

@@ -36,8 +36,9 @@ import {
   type VolumeSpec,
   vmName,
 } from "./domain.js";
-import type { VolumeFile, VolumeResolver, VolumeUsers } from "./ports.js";
+import type { LiveVolumeResize, VolumeFile, VolumeResolver, VolumeUsers } from "./ports.js";
 import { QemuImg } from "./qemu-img.js";
+import { type DaemonSpec, type StorageDaemon, StorageDaemons } from "./qemu-storage-daemon/daemon.js";
 import { BlockRecords, volumePaths } from "./records.js";
 
 export interface BlockManagerDeps {
@@ -49,7 +50,27 @@ export interface BlockManagerDeps {
   logger: Logger;
   /** The qemu-img adapter; default: `qemu-img` from PATH. */
   qemuImg?: QemuImg;
+  /**
+   * Which VMs have the volume open in a live VMM now (bound, VMM starting or running): what keeps a
+   * storage daemon running. May be bound late.
+   */
+  activeUsers?: VolumeUsers;
+  /** Grows a file-backed volume inside the VMMs that have it open (the VM side). May be bound late. */
+  liveResize?: LiveVolumeResize;
+  /** The storage-daemon adapter; default: `qemu-storage-daemon` from PATH, folders under `block/daemons`. */
+  storageDaemons?: StorageDaemons;
   now?: () => number;
+}
+
+/** How long a storage daemon started for an attachment waits for the VM to show it bound. */
+const DAEMON_HOLD_MS = 60_000;
+
+/** The storage daemon of one volume: what it serves, the running process (undefined while down). */
+interface DaemonEntry {
+  spec: DaemonSpec;
+  daemon: StorageDaemon | undefined;
+  /** Not stopped for want of users before this time (an attachment in progress). */
+  holdUntil: number;
 }
 
 /** A store with its capacity figures, measured when asked. */
@@ -69,6 +90,8 @@ export interface VolumeView {
   record: VolumeRecord;
   allocatedBytes: bigint;
   usedBy: string[];
+  /** Where VMMs reach a daemon-served volume (socket path or NBD URI); "" while no daemon serves it. */
+  backendAddress: string;
 }
 
 /** A volume snapshot with its linked clones. */
@@ -106,11 +129,19 @@ export class BlockManager implements VolumeResolver {
   readonly #records: BlockRecords;
   readonly #img: QemuImg;
   readonly #now: () => number;
+  readonly #qsd: StorageDaemons;
+  /** Storage daemons by volume id. */
+  readonly #daemons = new Map<string, DaemonEntry>();
+  /** Serialises daemon starts and stops per volume. */
+  readonly #daemonLocks = new Map<string, Promise<unknown>>();
+  #reconciling = false;
+  #reconcileAgain = false;
 
   constructor(private readonly d: BlockManagerDeps) {
     this.#records = new BlockRecords(d.stateDir);
     this.#img = d.qemuImg ?? new QemuImg();
     this.#now = d.now ?? Date.now;
+    this.#qsd = d.storageDaemons ?? new StorageDaemons(d.stateDir);
   }
 
   /** Where the default store lives. */
@@ -147,6 +178,215 @@ export class BlockManager implements VolumeResolver {
       }
       for (const r of await this.#records.loadVolumes(s.path)) await this.#recover(s, r);
     }
+    await this.#adoptDaemons();
+  }
+
+  // ---- storage daemons -------------------------------------------------------------------------
+
+  /**
+   * Finds the storage daemons a previous agent left: a live one is re-adopted (kept at least until the
+   * first reconcile, which runs once the VMs are known), a dead one is remembered by its spec (restarted
+   * by the reconcile when a VM still uses it), one whose volume is gone is ended.
+   */
+  async #adoptDaemons(): Promise<void> {
+    for (const id of await this.#qsd.folders()) {
+      const r = this.#volumes.get(id);
+      if (!r || r.backend === "file") {
+        await this.#qsd.remove(id);
+        this.d.logger.info({ volume: `volumes/${id}` }, "ended a storage daemon whose volume is gone");
+        continue;
+      }
+      const { daemon, spec } = await this.#qsd.adopt(id);
+      if (!spec) continue;
+      this.#daemons.set(id, { spec, daemon, holdUntil: 0 });
+      if (daemon) {
+        this.#watch(id, daemon);
+        this.d.logger.info({ volume: `volumes/${id}`, pid: daemon.pid }, "re-adopted storage daemon");
+      }
+    }
+  }
+
+  #daemonLocked<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const run = (this.#daemonLocks.get(id) ?? Promise.resolve()).then(fn, fn);
+    const settled = run.catch(() => undefined);
+    this.#daemonLocks.set(id, settled);
+    void settled.then(() => {
+      if (this.#daemonLocks.get(id) === settled) this.#daemonLocks.delete(id);
+    });
+    return run;
+  }
+
+  #active(id: string): string[] {
+    return (this.d.activeUsers?.(`volumes/${id}`) ?? []).map(vmName);
+  }
+
+  #watch(id: string, daemon: StorageDaemon): void {
+    daemon.once("exit", () => {
+      if (this.#daemons.get(id)?.daemon !== daemon) return;
+      this.d.logger.warn({ volume: `volumes/${id}`, pid: daemon.pid }, "storage daemon exited");
+      this.scheduleReconcile();
+    });
+  }
+
+  async #startDaemon(e: DaemonEntry): Promise<StorageDaemon> {
+    const daemon = await this.#qsd.start(e.spec);
+    e.daemon = daemon;
+    this.#watch(e.spec.volumeId, daemon);
+    return daemon;
+  }
+
+  /** Ends the volume's storage daemon, if it has one. */
+  async #stopDaemon(id: string): Promise<void> {
+    await this.#daemonLocked(id, async () => {
+      const e = this.#daemons.get(id);
+      if (!e) return;
+      this.#daemons.delete(id);
+      await e.daemon?.stop();
+      await this.#qsd.remove(id);
+    });
+  }
+
+  /**
+   * VolumeResolver: the volume as a VM attaches it. A FILE volume is its file; a VHOST_USER_BLK or NBD
+   * volume gets its storage daemon (started when none runs) and the VMM connects to its socket. A
+   * vhost-user-blk export serves one VMM at a time; a read-only export is not opened writable.
+   */
+  async open(volumeName: string, user: { vm: string; readOnly: boolean }): Promise<VolumeFile> {
+    const f = await this.resolve(volumeName);
+    const r = this.#volume(volumeName.slice("volumes/".length));
+    if (r.backend === "file") return f;
+    return this.#daemonLocked(r.id, async () => {
+      const others = this.#active(r.id).filter((u) => u !== vmName(user.vm));
+      if (r.backend === "vhost-user-blk" && others.length > 0) {
+        throw failedPrecondition(
+          `volumes/${r.id} is served over vhost-user-blk to ${others[0]}; such an export serves one VM at a time`,
+          "VOLUME_EXPORT_BUSY",
+          { volume: `volumes/${r.id}`, vm: others[0] ?? "" },
+        );
+      }
+      let e = this.#daemons.get(r.id);
+      if (e?.daemon && !e.daemon.running) e.daemon = undefined;
+      const writable = !user.readOnly;
+      if (e?.daemon && e.spec.writable !== writable) {
+        if (others.length > 0 && writable) {
+          throw failedPrecondition(
+            `volumes/${r.id} is exported read-only for ${others[0]}; it cannot be attached writable too`,
+            "VOLUME_EXPORT_READ_ONLY",
+            { volume: `volumes/${r.id}`, vm: others[0] ?? "" },
+          );
+        }
+        if (others.length === 0) {
+          // Nobody else reads it: serve it again with the writability this VM asks for.
+          await e.daemon.stop();
+          e.daemon = undefined;
+        }
+      }
+      if (!e?.daemon) {
+        const spec: DaemonSpec = {
+          volumeId: r.id,
+          kind: r.backend === "nbd" ? "nbd" : "vhost-user-blk",
+          path: r.path,
+          format: r.format,
+          writable: e && others.length > 0 ? e.spec.writable : writable,
+        };
+        e = { spec, daemon: undefined, holdUntil: 0 };
+        this.#daemons.set(r.id, e);
+        const daemon = await this.#startDaemon(e).catch(async (err: unknown) => {
+          this.#daemons.delete(r.id);
+          throw err;
+        });
+        this.d.logger.info(
+          { volume: `volumes/${r.id}`, pid: daemon.pid, backend: spec.kind, writable: spec.writable },
+          "started storage daemon",
+        );
+      }
+      e.holdUntil = this.#now() + DAEMON_HOLD_MS;
+      const daemon = e.daemon as StorageDaemon;
+      return { ...f, export: daemon.address };
+    });
+  }
+
+  /** Runs a reconcile of the storage daemons soon (coalesced). */
+  scheduleReconcile(): void {
+    if (this.#reconciling) {
+      this.#reconcileAgain = true;
+      return;
+    }
+    this.#reconciling = true;
+    void (async () => {
+      do {
+        this.#reconcileAgain = false;
+        await this.reconcileDaemons().catch((err: unknown) =>
+          this.d.logger.error({ err }, "storage daemon reconcile failed"),
+        );
+      } while (this.#reconcileAgain);
+      this.#reconciling = false;
+    })();
+  }
+
+  /**
+   * Makes the storage daemons match their use: a volume a live VMM uses has a running daemon (restarted
+   * when it died: the VMM reconnects; the volume is marked failed when it cannot be restarted), a daemon
+   * nothing uses any more (and no attachment is waiting for) is stopped.
+   */
+  async reconcileDaemons(): Promise<void> {
+    const ids = new Set(this.#daemons.keys());
+    for (const r of this.#volumes.values())
+      if (r.backend !== "file" && this.#active(r.id).length > 0) ids.add(r.id);
+    for (const id of ids) {
+      await this.#daemonLocked(id, async () => {
+        const r = this.#volumes.get(id);
+        const active = r ? this.#active(id) : [];
+        let e = this.#daemons.get(id);
+        if (active.length === 0) {
+          if (!e || (r && this.#now() < e.holdUntil && e.daemon?.running)) return;
+          this.#daemons.delete(id);
+          await e.daemon?.stop();
+          await this.#qsd.remove(id);
+          this.d.logger.info({ volume: `volumes/${id}` }, "stopped storage daemon: no VM uses the volume");
+          return;
+        }
+        if (!r) return;
+        if (!e) {
+          e = {
+            spec: {
+              volumeId: id,
+              kind: r.backend === "nbd" ? "nbd" : "vhost-user-blk",
+              path: r.path,
+              format: r.format,
+              writable: true,
+            },
+            daemon: undefined,
+            holdUntil: 0,
+          };
+          this.#daemons.set(id, e);
+        }
+        e.holdUntil = 0;
+        if (e.daemon?.running) return;
+        try {
+          const daemon = await this.#startDaemon(e);
+          this.d.logger.warn(
+            { volume: `volumes/${id}`, pid: daemon.pid, vms: active },
+            "restarted the storage daemon of a volume in use",
+          );
+          if (r.state === "failed" && r.stateMessage.startsWith("storage daemon")) {
+            r.state = "ready";
+            r.stateMessage = "";
+            await this.#save(r);
+          }
+        } catch (err) {
+          this.d.logger.error({ err, volume: `volumes/${id}` }, "cannot restart storage daemon");
+          r.state = "failed";
+          r.stateMessage = `storage daemon: ${(err as Error).message}`;
+          await this.#save(r);
+        }
+      });
+    }
+  }
+
+  /** Lets go of the storage daemons (they keep serving): the agent is stopping. */
+  detachDaemons(): void {
+    for (const e of this.#daemons.values()) e.daemon?.detach();
   }
 
   async #recover(s: StoreRecord, r: VolumeRecord): Promise<void> {
@@ -326,7 +566,19 @@ export class BlockManager implements VolumeResolver {
   }
 
   async #view(r: VolumeRecord): Promise<VolumeView> {
-    return { kind: "volume", record: r, allocatedBytes: await allocated(r.path), usedBy: this.#users(r.id) };
+    const daemon = this.#daemons.get(r.id)?.daemon;
+    const a = daemon?.running ? daemon.address : undefined;
+    return {
+      kind: "volume",
+      record: r,
+      allocatedBytes: await allocated(r.path),
+      usedBy: this.#users(r.id),
+      backendAddress: !a
+        ? ""
+        : a.kind === "vhost-user-blk"
+          ? a.socket
+          : `nbd+unix:///${a.exportName}?socket=${a.socket}`,
+    };
   }
 
   getVolume(id: string): Promise<VolumeView> {
@@ -752,7 +1004,11 @@ export class BlockManager implements VolumeResolver {
 
   // ---- volumes: resize, snapshot, delete -------------------------------------------------------
 
-  /** Grows a volume that no VM uses (the live path arrives later). The same size again is a NOOP. */
+  /**
+   * Grows a volume. A FILE volume that running VMs have open grows live (QMP `block_resize` in their
+   * VMMs; the guests see the new size); a daemon-served one in use is refused (its guest could not see
+   * it). The same size again is a NOOP.
+   */
   async resize(id: string, sizeBytes: bigint, opts: { requestId?: string } = {}): Promise<OperationRecord> {
     const replay = this.d.operations.byRequestId(opts.requestId);
     if (replay) return replay;
@@ -768,8 +1024,16 @@ export class BlockManager implements VolumeResolver {
       );
     }
     if (r.state !== "ready") throw notReady(r, "resize");
-    const users = this.#users(id);
-    if (users.length > 0) throw inUse(id, users, "resize");
+    const live = this.#active(id);
+    if (live.length > 0 && r.backend !== "file") {
+      // QEMU 7.2's vhost-user-blk export cannot tell its client of a new size (that arrives in QEMU
+      // 8.1), and NBD has no resize notice at all: the guest would not see it. Refused, not faked.
+      throw failedPrecondition(
+        `cannot grow volumes/${id} while ${live[0]} has it open over ${r.backend}: the guest would not see the new size (detach it, or stop the VM, first)`,
+        "VOLUME_LIVE_RESIZE_UNSUPPORTED",
+        { volume: `volumes/${id}`, vm: live[0] ?? "", backend: r.backend },
+      );
+    }
     await this.#checkFits(this.#store(r.store), sizeBytes - r.sizeBytes);
     if (r.state !== "ready") throw notReady(r, "resize");
     r.state = "updating";
@@ -779,7 +1043,20 @@ export class BlockManager implements VolumeResolver {
       `volumes/${id}`,
       async (op) => {
         try {
-          await this.#img.resize(r.path, r.format, sizeBytes, op.signal);
+          // Whoever has the image open grows it: a storage daemon that still serves it (no VM has it
+          // open: see above), else the VMMs that opened the file (their guests see the new size), else
+          // qemu-img.
+          const daemon = await this.#daemonLocked(id, async () => this.#daemons.get(id)?.daemon);
+          if (daemon?.running) {
+            op.progress(20, "growing the volume in its storage daemon");
+            await daemon.resize(sizeBytes);
+          } else if (this.#active(id).length > 0 && r.backend === "file") {
+            op.progress(20, "growing the volume in the VMMs that use it");
+            const reached = (await this.d.liveResize?.(`volumes/${id}`, sizeBytes)) ?? [];
+            if (reached.length === 0) throw inUse(id, this.#active(id), "resize");
+          } else {
+            await this.#img.resize(r.path, r.format, sizeBytes, op.signal);
+          }
           r.sizeBytes = (await this.#img.info(r.path, { format: r.format })).virtualSize;
           return await this.#view(r);
         } finally {
@@ -951,6 +1228,7 @@ export class BlockManager implements VolumeResolver {
       `volumes/${id}`,
       async () => {
         await this.#save(r);
+        await this.#stopDaemon(id);
         await rm(r.path, { force: true });
         for (const b of r.bases) await rm(b, { force: true });
         await this.#records.removeVolume(s.path, r);

@@ -1,5 +1,6 @@
 import { EventEmitter } from "node:events";
 import { notFound, VmenvError } from "@vmenv/rpc/errors";
+import { operationContext } from "./context.js";
 
 export type OperationState = "pending" | "running" | "succeeded" | "failed" | "cancelled";
 
@@ -28,12 +29,26 @@ export interface OperationHandle {
   progress(percent: number, stage: string): void;
 }
 
+/** A change WatchOperations reports: the operation as it was right after it. */
+export interface OperationChange {
+  type: "created" | "updated" | "deleted";
+  op: OperationRecord;
+  seq: number;
+  timeMs: number;
+}
+
+/** Changes kept for WatchOperations' resume tokens. */
+const HISTORY = 2000;
+
 /**
  * The agent's operations, in memory: the last `keep` finished ones and every running one. A
  * `request_id` seen before returns the operation it started (retry-safe replay).
  */
-export class Operations extends EventEmitter<{ changed: [OperationRecord] }> {
+export class Operations extends EventEmitter<{ changed: [OperationRecord]; change: [OperationChange] }> {
   readonly #ops = new Map<string, OperationRecord>();
+  /** Recent changes, oldest first, for WatchOperations' resume tokens. */
+  readonly history: OperationChange[] = [];
+  #changeSeq = 0;
   readonly #controllers = new Map<string, AbortController>();
   readonly #byRequest = new Map<string, string>();
   #seq = 0;
@@ -83,23 +98,31 @@ export class Operations extends EventEmitter<{ changed: [OperationRecord] }> {
     this.#ops.set(id, op as OperationRecord);
     this.#controllers.set(id, ac);
     if (op.requestId) this.#byRequest.set(op.requestId, id);
-    this.emit("changed", op as OperationRecord);
+    this.#changed(op as OperationRecord, "created");
     const handle: OperationHandle = {
       id,
       signal: ac.signal,
       progress: (percent, stage) => {
         op.percent = percent;
         op.stage = stage;
-        this.emit("changed", op as OperationRecord);
+        this.#changed(op as OperationRecord, "updated");
       },
     };
-    run(handle).then(
-      (result) => this.#finish(op, ac.signal.aborted ? "cancelled" : "succeeded", undefined, result),
-      (err: unknown) => {
-        this.#finish(op, ac.signal.aborted ? "cancelled" : "failed", err as Error, undefined);
-        if (!ac.signal.aborted) this.onFailed(op as OperationRecord, err as Error);
-      },
-    );
+    // Log lines written while it runs name the operation and its target.
+    const ctx = { operation: `operations/${id}`, target, active: true };
+    operationContext
+      .run(ctx, () => run(handle))
+      .then(
+        (result) => {
+          this.#finish(op, ac.signal.aborted ? "cancelled" : "succeeded", undefined, result);
+          ctx.active = false;
+        },
+        (err: unknown) => {
+          this.#finish(op, ac.signal.aborted ? "cancelled" : "failed", err as Error, undefined);
+          if (!ac.signal.aborted) this.onFailed(op as OperationRecord, err as Error);
+          ctx.active = false;
+        },
+      );
     return op;
   }
 
@@ -122,8 +145,21 @@ export class Operations extends EventEmitter<{ changed: [OperationRecord] }> {
     op.stage = state;
     op.mayCancel = false;
     this.#controllers.delete(op.id);
-    this.emit("changed", op as OperationRecord);
+    this.#changed(op as OperationRecord, "updated");
     this.#trim();
+  }
+
+  /** The sequence number of the latest change (0 before any). */
+  get seq(): number {
+    return this.#changeSeq;
+  }
+
+  #changed(op: OperationRecord, type: OperationChange["type"]): void {
+    const c: OperationChange = { type, op: { ...op }, seq: ++this.#changeSeq, timeMs: this.now() };
+    this.history.push(c);
+    if (this.history.length > HISTORY) this.history.splice(0, this.history.length - HISTORY);
+    if (type !== "deleted") this.emit("changed", op);
+    this.emit("change", c);
   }
 
   #trim(): void {
@@ -131,6 +167,7 @@ export class Operations extends EventEmitter<{ changed: [OperationRecord] }> {
     for (const o of finished.slice(0, Math.max(0, finished.length - this.keep))) {
       this.#ops.delete(o.id);
       if (o.requestId) this.#byRequest.delete(o.requestId);
+      this.#changed(o, "deleted");
     }
   }
 

@@ -1,6 +1,14 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { AcceleratorKind, type HostInfo, HostInfoSchema, VmmKind } from "@vmenv/api/agent/v1";
+import {
+  AcceleratorKind,
+  type HostCapacity,
+  HostCapacitySchema,
+  type HostInfo,
+  HostInfoSchema,
+  VmmKind,
+} from "@vmenv/api/agent/v1";
+import type { Capacity } from "./capacity.js";
 import type { AcceleratorInfo, HostInventory, VmmBinaryInfo } from "./inventory.js";
 
 const vmmKinds: Record<VmmBinaryInfo["kind"], VmmKind> = {
@@ -66,5 +74,26 @@ export function toHostInfo(inv: HostInventory, agent: AgentFacts): HostInfo {
     agentStartTime: timestampFromMs(agent.startTimeMs),
     agentUptime: durationFromMs(agent.nowMs - agent.startTimeMs),
     hostUptime: durationFromMs(Math.round(inv.hostUptimeSeconds * 1000)),
+  });
+}
+
+/** Capacity (domain) → HostCapacity (API). */
+export function toPbCapacity(c: Capacity): HostCapacity {
+  return create(HostCapacitySchema, {
+    vcpusAllocatable: c.vcpusAllocatable,
+    vcpusAllocated: c.vcpusAllocated,
+    memoryAllocatableBytes: c.memoryAllocatableBytes,
+    memoryAllocatedBytes: c.memoryAllocatedBytes,
+    numaNodes: c.numaNodes.map((n) => ({ ...n, hugepages: n.hugepages.map((p) => ({ ...p })) })),
+    gpusTotal: c.gpusTotal,
+    gpusFree: c.gpusFree,
+    gpuMemoryTotalBytes: c.gpuMemoryTotalBytes,
+    gpuMemoryFreeBytes: c.gpuMemoryFreeBytes,
+    vms: c.vms,
+    runningVms: c.runningVms,
+    cpuOvercommitRatio: c.cpuOvercommit,
+    reservedCpus: c.reservedCpus,
+    reservedMemoryBytes: c.reservedMemoryBytes,
+    hugepages: c.hugepages.map((p) => ({ ...p })),
   });
 }

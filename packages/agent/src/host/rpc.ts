@@ -2,7 +2,8 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { type HostInfo, HostService } from "@vmenv/api/agent/v1";
 import { bind, type ServiceBinding } from "@vmenv/rpc";
 import { type AcceleratorSetting, effectiveAccelerator } from "./accelerator.js";
-import { toHostInfo } from "./convert.js";
+import type { Capacity } from "./capacity.js";
+import { toHostInfo, toPbCapacity } from "./convert.js";
 import type { AcceleratorInfo, HostInventory } from "./inventory.js";
 import { Sampler } from "./sampler.js";
 
@@ -17,6 +18,8 @@ export interface HostServiceDeps {
   now: () => number;
   /** How long one reading of the host's memory figures serves. Default 1000 ms. */
   sampleMaxAgeMs?: number;
+  /** Allocatable and allocated capacity, computed at each call (VMs and GPUs change between samples). */
+  capacity?: () => Promise<Capacity>;
 }
 
 /**
@@ -42,7 +45,7 @@ export function hostService(d: HostServiceDeps): ServiceBinding {
   );
   return bind(HostService, {
     async getHostInfo() {
-      const { at, value } = await sampler.get();
+      const [{ at, value }, capacity] = await Promise.all([sampler.get(), d.capacity?.()]);
       const now = d.now();
       const hostUptimeMs =
         value.hostUptime === undefined
@@ -50,6 +53,7 @@ export function hostService(d: HostServiceDeps): ServiceBinding {
           : Number(value.hostUptime.seconds) * 1000 + value.hostUptime.nanos / 1e6;
       return {
         ...value,
+        ...(capacity ? { capacity: toPbCapacity(capacity) } : {}),
         agentUptime: durationFromMs(now - d.startTimeMs),
         hostUptime: durationFromMs(Math.round(hostUptimeMs + (now - at))),
       };

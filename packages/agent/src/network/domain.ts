@@ -9,10 +9,12 @@ export type PortState = "creating" | "active" | "releasing";
 
 /**
  * How traffic between this network and the other networks of the host is kept apart:
- * `no-forwarding` — the host does not route IPv4 (net.ipv4.ip_forward = 0), so nothing crosses between
- * bridges; `not-enforced` — the host forwards and no packet filter (nft/iptables) is available to stop it.
+ * `nftables` — the agent's nftables table drops what is routed between networks unless a network allows
+ * the other (`allowed_peers`); `no-forwarding` — no nft on the host, but the host does not route IPv4
+ * (net.ipv4.ip_forward = 0), so nothing crosses between bridges; `not-enforced` — the host forwards and
+ * no packet filter is available to stop it.
  */
-export type Isolation = "no-forwarding" | "not-enforced";
+export type Isolation = "nftables" | "no-forwarding" | "not-enforced";
 
 /** What a caller asks for in CreateNetwork, with every default resolved; compared for idempotency. */
 export interface NetworkSpec {

@@ -35,6 +35,7 @@ import {
 } from "./domain.js";
 import { IpLinkHost, type LinkHost, type LinkInfo } from "./ip.js";
 import { agentTagFor, bridgeNameFor, macFor, tapNameFor } from "./names.js";
+import { type NetworkFilter, NftFilter } from "./nft.js";
 import type { NicAttachment, NicBackend } from "./ports.js";
 import { type NetworkDoc, NetworkRecords } from "./records.js";
 
@@ -44,6 +45,8 @@ export interface NetworkManagerDeps {
   logger: Logger;
   /** The host adapter; default: iproute2 from PATH. */
   host?: LinkHost;
+  /** The packet filter that isolates networks; default: nftables (`nft` from PATH), when installed. */
+  filter?: NetworkFilter;
   now?: () => number;
 }
 
@@ -87,6 +90,7 @@ export class NetworkManager implements NicBackend {
   readonly #docs = new Map<string, NetworkDoc>();
   readonly #records: NetworkRecords;
   readonly #host: LinkHost;
+  readonly #filter: NetworkFilter;
   readonly #now: () => number;
   readonly #tag: string;
   /** Mutations run one at a time (they are short: a few `ip` calls each). */
@@ -97,6 +101,19 @@ export class NetworkManager implements NicBackend {
     this.#host = d.host ?? new IpLinkHost();
     this.#now = d.now ?? Date.now;
     this.#tag = agentTagFor(d.stateDir);
+    this.#filter = d.filter ?? new NftFilter(this.#tag);
+  }
+
+  /** Makes the isolation rules match the ready networks (the table goes with the last network). */
+  async #syncFilter(): Promise<void> {
+    const ready = [...this.#docs.values()].map((d) => d.network).filter((n) => n.state === "ready");
+    const bridgeOf = (name: string) => this.#docs.get(name.slice("networks/".length))?.network.bridge;
+    await this.#filter.sync(
+      ready.map((n) => ({
+        bridge: n.bridge,
+        allowedBridges: n.allowedPeers.map(bridgeOf).filter((b): b is string => b !== undefined),
+      })),
+    );
   }
 
   #serial<T>(f: () => Promise<T>): Promise<T> {
@@ -176,6 +193,10 @@ export class NetworkManager implements NicBackend {
           "removed a link of this agent that no record knows",
         );
       }
+      // The isolation rules again, for exactly the networks found (none: the table goes).
+      await this.#syncFilter().catch((err: unknown) =>
+        this.d.logger.error({ err }, "could not write the isolation rules (nftables)"),
+      );
     });
   }
 
@@ -341,7 +362,11 @@ export class NetworkManager implements NicBackend {
         ...spec,
         bridgeDerived: derived,
         state: "creating",
-        isolation: (await this.#host.forwarding()) ? "not-enforced" : "no-forwarding",
+        isolation: (await this.#filter.available())
+          ? "nftables"
+          : (await this.#host.forwarding())
+            ? "not-enforced"
+            : "no-forwarding",
         createTimeMs: this.#now(),
       };
       const doc: NetworkDoc = { network: record, ports: [] };
@@ -354,8 +379,18 @@ export class NetworkManager implements NicBackend {
         throw err;
       }
       record.state = "ready";
-      await this.#records.save(doc);
       this.#docs.set(id, doc);
+      try {
+        await this.#syncFilter();
+      } catch (err) {
+        // No network without its isolation: undone, nothing left.
+        this.#docs.delete(id);
+        await this.#removeOurLink(record.bridge, this.#bridgeAlias(id), true).catch(() => undefined);
+        await this.#records.remove(id);
+        await this.#syncFilter().catch(() => undefined);
+        throw err;
+      }
+      await this.#records.save(doc);
       if (record.isolation === "not-enforced")
         this.d.logger.warn(
           { network: `networks/${id}` },
@@ -416,6 +451,7 @@ export class NetworkManager implements NicBackend {
         );
       await this.#records.remove(id);
       this.#docs.delete(id);
+      await this.#syncFilter();
       this.d.logger.info({ network: `networks/${id}` }, "network deleted");
     });
   }

@@ -6,6 +6,7 @@ import {
   VmDeviceKind,
   VmDeviceState,
   type VmDisk,
+  type VmGpu,
   VmmKind,
   type VmNic,
   VmRestartPolicy,
@@ -16,7 +17,14 @@ import {
   VmState as VmStatePb,
 } from "@vmenv/api/agent/v1";
 import { invalidArgument, unimplemented } from "@vmenv/rpc/errors";
-import { checkDeviceId, type Device, type DeviceState, type DiskDevice, type NicDevice } from "./devices.js";
+import {
+  checkDeviceId,
+  type Device,
+  type DeviceState,
+  type DiskDevice,
+  type GpuDevice,
+  type NicDevice,
+} from "./devices.js";
 import type { RestartPolicy, VmRecord, VmSpec, VmState } from "./domain.js";
 import type { SnapshotRecord } from "./snapshots.js";
 
@@ -52,12 +60,16 @@ export function fromPbRestartPolicy(p: VmRestartPolicy): RestartPolicy {
 /** The API's VmSpec → the domain's, defaults filled in; INVALID_ARGUMENT naming the field when it cannot be. */
 export function fromPbSpec(s: VmSpecPb | undefined): VmSpec {
   if (!s) throw invalidArgument("vm.spec", "is required");
-  if (s.gpus.length > 0)
-    throw unimplemented("vm.spec.gpus", "GPU passthrough arrives with the GPU service (issue #5)");
   if (s.hugepageSizeBytes !== 0n)
-    throw unimplemented("vm.spec.hugepage_size_bytes", "huge pages arrive with capacity (issue #5)");
+    throw unimplemented(
+      "vm.spec.hugepage_size_bytes",
+      "guest memory on huge pages is not built yet (HostInfo.capacity reports the pools; docs/adr/0012)",
+    );
   if ((s.pinning?.numaNodes.length ?? 0) > 0 || (s.pinning?.vcpuPins.length ?? 0) > 0) {
-    throw unimplemented("vm.spec.pinning", "NUMA and per-vCPU pinning arrive with capacity (issue #5)");
+    throw unimplemented(
+      "vm.spec.pinning",
+      "NUMA and per-vCPU pinning are not built yet (host_cpus pinning is; docs/adr/0012)",
+    );
   }
   const b = s.boot?.method;
   let boot: VmSpec["boot"];
@@ -175,7 +187,19 @@ export function fromPbNic(n: VmNic, field: string): NicDevice {
   return { kind: "nic", id: n.id, network: n.network, mac: n.macAddress, ip: n.ipAddress };
 }
 
-/** The disks and NICs of a create request, as devices bound from the start. */
+/** The API's VmGpu → a domain GPU device. */
+export function fromPbGpu(g: VmGpu, field: string): GpuDevice {
+  checkDeviceId(g.id, `${field}.id`);
+  if (!/^gpus\/[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/.test(g.gpu)) {
+    throw invalidArgument(
+      `${field}.gpu`,
+      `"${g.gpu.slice(0, 80)}" is not a GPU name (gpus/{pci address}, e.g. gpus/0000:41:00.0)`,
+    );
+  }
+  return { kind: "gpu", id: g.id, gpu: g.gpu };
+}
+
+/** The disks, NICs and GPUs of a create request, as devices bound from the start. */
 export function devicesFromPbSpec(s: VmSpecPb | undefined): DeviceState[] {
   const ids = new Set<string>();
   const devices: [string, Device][] = [
@@ -186,6 +210,10 @@ export function devicesFromPbSpec(s: VmSpecPb | undefined): DeviceState[] {
     ...(s?.nics ?? []).map((n, i): [string, Device] => [
       `vm.spec.nics[${i}]`,
       fromPbNic(n, `vm.spec.nics[${i}]`),
+    ]),
+    ...(s?.gpus ?? []).map((g, i): [string, Device] => [
+      `vm.spec.gpus[${i}]`,
+      fromPbGpu(g, `vm.spec.gpus[${i}]`),
     ]),
   ];
   return devices.map(([field, device]) => {
@@ -218,10 +246,11 @@ export function toPbVm(r: VmRecord): Vm {
             ]
           : [],
       ),
+      gpus: r.devices.flatMap(({ device: d }) => (d.kind === "gpu" ? [{ id: d.id, gpu: d.gpu }] : [])),
     },
     devices: r.devices.map((d) => ({
       id: d.device.id,
-      kind: d.device.kind === "disk" ? VmDeviceKind.DISK : VmDeviceKind.NIC,
+      kind: { disk: VmDeviceKind.DISK, nic: VmDeviceKind.NIC, gpu: VmDeviceKind.GPU }[d.device.kind],
       state: d.bound ? VmDeviceState.BOUND : VmDeviceState.JOINED,
       guestAddress: d.slot === undefined || !d.bound ? "" : `rp${d.slot}`,
     })),

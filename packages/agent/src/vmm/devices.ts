@@ -23,8 +23,15 @@ export interface NicDevice {
   ip: string;
 }
 
-/** Disks and NICs; GPUs join with the GPU service. */
-export type Device = DiskDevice | NicDevice;
+/** A GPU passed through (vfio-pci); it must be assigned to the VM first (GpuService.AssignGpu). */
+export interface GpuDevice {
+  kind: "gpu";
+  id: string;
+  /** `gpus/{pci address}`. */
+  gpu: string;
+}
+
+export type Device = DiskDevice | NicDevice | GpuDevice;
 
 /** Where a NIC is plugged on the host (its port on the network). */
 export interface NicPlug {

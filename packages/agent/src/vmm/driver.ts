@@ -1,4 +1,5 @@
 import type { EventEmitter } from "node:events";
+import type { VolumeExport } from "../block/ports.js";
 import type { Accelerator, VmmKind, VmSpec } from "./domain.js";
 
 /** Where one VM's files live: everything the agent needs to find its VMM again after a restart. */
@@ -26,6 +27,11 @@ export interface AttachedDisk {
   serial: string;
   /** PCIe root port (QEMU) the disk sits behind. */
   slot: number;
+  /**
+   * Set when a storage daemon serves the volume: the VMM connects to its vhost-user-blk or NBD socket
+   * instead of opening `path` (vhost-user-blk needs the VM's memory shared, which QEMU VMs always are).
+   */
+  export?: VolumeExport;
 }
 
 /** A NIC as the VMM attaches it: a tap on the host. */
@@ -33,6 +39,17 @@ export interface AttachedNic {
   id: string;
   tap: string;
   mac: string;
+  slot: number;
+}
+
+/** A GPU as the VMM attaches it: a PCI device of the host on vfio-pci, with its other functions. */
+export interface AttachedGpu {
+  id: string;
+  /** Host PCI address of function 0, e.g. "0000:41:00.0". */
+  host: string;
+  /** The GPU's other functions (its HDMI audio), passed through beside it in the same guest slot. */
+  functions: string[];
+  /** PCIe root port it sits behind. */
   slot: number;
 }
 
@@ -50,6 +67,8 @@ export interface LaunchRequest {
   disks: AttachedDisk[];
   /** NICs attached from the start. */
   nics: AttachedNic[];
+  /** GPUs passed through from the start (QEMU only). */
+  gpus?: AttachedGpu[];
   /**
    * Start from saved state instead of booting: the VMM listens on this Unix socket for the state
    * (`RunningVmm.saveState`'s output), which the agent then streams in.
@@ -98,6 +117,35 @@ export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: [];
   detachNic(id: string, timeoutMs: number): Promise<void>;
   /** Debugging passthrough to the VMM's own protocol (QMP for QEMU). */
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown>;
+  /** Hot-plugs a GPU (vfio-pci); nothing of it remains when this fails. Absent: the VMM cannot. */
+  attachGpu?(gpu: AttachedGpu): Promise<void>;
+  /** Hot-unplugs a GPU once the guest has released it. */
+  detachGpu?(id: string, timeoutMs: number): Promise<void>;
+  /** What the VMM tells about the VM's use of resources, for statistics (diagnostics). */
+  counters(): Promise<VmmCounters>;
+}
+
+/** I/O counters of one disk, cumulative since the VMM started. */
+export interface DiskCounters {
+  readBytes: number;
+  writeBytes: number;
+  readOps: number;
+  writeOps: number;
+  flushOps: number;
+  readTimeNs: number;
+  writeTimeNs: number;
+}
+
+/** What a VMM reports about a VM (QEMU: QMP queries; cloud-hypervisor: `vm.counters`). */
+export interface VmmCounters {
+  /** Host thread of each vCPU; empty when the VMM does not say (the caller may look for `vcpuN` threads). */
+  vcpuThreads: { index: number; threadId: number }[];
+  /** The balloon, when the VM has one: memory it leaves the guest, and what the guest reports. */
+  balloon:
+    | { actualBytes: number; freeBytes?: number; availableBytes?: number; totalBytes?: number }
+    | undefined;
+  /** Per disk device id. */
+  disks: Record<string, DiskCounters>;
 }
 
 /** A VMM implementation: QEMU, cloud-hypervisor. */

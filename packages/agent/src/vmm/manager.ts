@@ -21,6 +21,7 @@ import {
   type DeviceState,
   type DiskDevice,
   freeSlot,
+  type GpuDevice,
   type NicDevice,
   type NicPlug,
   plan,
@@ -41,6 +42,7 @@ import {
 } from "./domain.js";
 import {
   type AttachedDisk,
+  type AttachedGpu,
   type AttachedNic,
   type ExitCause,
   HOTPLUG_SLOTS,
@@ -75,6 +77,16 @@ export interface VmManagerDeps {
   volumes?: VolumeResolver;
   /** Reserves and releases NIC ports on networks (the network service). */
   nics?: NicBackend;
+  /**
+   * The GPU service: a GPU device passes through only a GPU assigned to its VM and on vfio-pci (the
+   * answer names its other functions, which go along).
+   */
+  gpus?: { passthrough(address: string, vm: string): Promise<{ address: string; functions: string[] }> };
+  /**
+   * Capacity: reads the host's facts and answers a synchronous check that throws RESOURCE_EXHAUSTED when
+   * a VM with this spec does not fit beside the others (called right before the VM is recorded).
+   */
+  capacity?: () => Promise<(id: string, spec: VmSpec) => void>;
 }
 
 /** The outcome of one element of a device change set. */
@@ -216,10 +228,15 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     await this.#checkFiles(spec);
     // Volumes must exist now; NIC ports are reserved when the VM starts.
     for (const d of devices) if (d.device.kind === "disk") await this.#volume(d.device);
+    // GPUs must be assigned to this VM (and on vfio-pci) now; nothing is recorded otherwise.
+    for (const d of devices) if (d.device.kind === "gpu") await this.#gpu(spec.vmm, id, d.device);
+    // Checked and recorded with no await in between, so two creates cannot both take the last room.
+    const fits = await this.d.capacity?.();
+    fits?.(id, spec);
     return this.#newVm("vm.create", id, spec, opts, async (entry, op) => {
       if (opts.start) {
         op.progress(10, "starting the VMM");
-        await this.#launch(entry, driver, false);
+        await this.#launch(entry, driver, false, undefined, op.signal);
       } else {
         await this.#set(entry, { state: "stopped" });
       }
@@ -277,6 +294,8 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         this.#locked(entry, async () => {
           try {
             await build(entry, op);
+            // Cancelled while it was being built: undone below, like a failure.
+            op.signal.throwIfAborted();
             return entry.record;
           } catch (err) {
             entry.stopping = true;
@@ -289,7 +308,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
             throw err;
           }
         }),
-      opts.requestId ? { requestId: opts.requestId } : {},
+      { mayCancel: true, ...(opts.requestId ? { requestId: opts.requestId } : {}) },
     );
   }
 
@@ -534,6 +553,8 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       restartPolicy: src.record.restartPolicy,
       ...(opts.requestId ? { requestId: opts.requestId } : {}),
     };
+    const fits = await this.d.capacity?.();
+    fits?.(newId, spec);
     return this.#newVm("vm.clone", newId, spec, policy, async (entry) => {
       if (snap) await this.#launch(entry, driver, !opts.start || snap.vmState === "paused", snap);
       else if (opts.start) await this.#launch(entry, driver, false);
@@ -593,6 +614,9 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         );
       }
     }
+    // What the VM grows to must fit beside the other VMs.
+    const fits = await this.d.capacity?.();
+    fits?.(id, next);
     return this.d.operations.start(
       "vm.resize",
       `vms/${id}`,
@@ -634,11 +658,48 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     });
   }
 
+  /** VMs that have `gpus/{gpu}` bound (a GPU cannot be released from under them). */
+  gpuUsersOf(gpuName: string): string[] {
+    return this.list()
+      .filter((vm) => vm.devices.some((d) => d.bound && d.device.kind === "gpu" && d.device.gpu === gpuName))
+      .map((vm) => `vms/${vm.id}`);
+  }
+
   /** VMs whose devices use `volumes/{id}` (joined or bound): the "uses X" query of seed 002. */
   usersOf(volumeName: string): string[] {
     return this.list()
       .filter((vm) => vm.devices.some((d) => d.device.kind === "disk" && d.device.volume === volumeName))
       .map((vm) => `vms/${vm.id}`);
+  }
+
+  /**
+   * VMs whose VMM has `volumes/{id}` open now: the disk bound and the VMM starting, running, paused or
+   * stopping. What keeps a volume's storage daemon running.
+   */
+  activeUsersOf(volumeName: string): string[] {
+    return this.list()
+      .filter((vm) => ["starting", "running", "paused", "stopping"].includes(vm.state))
+      .filter((vm) =>
+        vm.devices.some((d) => d.bound && d.device.kind === "disk" && d.device.volume === volumeName),
+      )
+      .map((vm) => `vms/${vm.id}`);
+  }
+
+  /**
+   * Grows a volume inside the QEMU VMMs that have its file open (QMP `block_resize` on the disk's format
+   * node), so their guests see the new size. Answers the VMs reached.
+   */
+  async resizeVolumeLive(volumeName: string, sizeBytes: bigint): Promise<string[]> {
+    const reached: string[] = [];
+    for (const e of this.#vms.values()) {
+      if (!e.vmm || e.record.spec.vmm !== "qemu") continue;
+      for (const d of e.record.devices) {
+        if (!d.bound || d.device.kind !== "disk" || d.device.volume !== volumeName) continue;
+        await e.vmm.passthrough("block_resize", { "node-name": `d-${d.device.id}`, size: Number(sizeBytes) });
+        reached.push(`vms/${e.record.id}`);
+      }
+    }
+    return reached;
   }
 
   /**
@@ -678,6 +739,9 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
           if ((step.kind === "join" || (step.kind === "bind" && step.join)) && step.device.kind === "disk") {
             await this.#volume(step.device);
           }
+          if ((step.kind === "join" || step.kind === "bind") && step.device.kind === "gpu") {
+            await this.#gpu(e.record.spec.vmm, id, step.device);
+          }
           if (opts.validateOnly) continue;
           await this.#applyStep(e, step);
         } catch (err) {
@@ -692,6 +756,21 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   async #volume(d: DiskDevice): Promise<VolumeFile> {
     if (!this.d.volumes) throw unimplemented("disks", "volumes arrive with the block service (issue #4)");
     return this.d.volumes.resolve(d.volume);
+  }
+
+  /** Checks that a GPU can pass through to `vm` now (assigned to it, on vfio-pci). */
+  async #gpu(vmm: VmmKind, vm: string, d: GpuDevice): Promise<{ address: string; functions: string[] }> {
+    if (!this.d.gpus) throw unimplemented("gpus", "GPU passthrough needs the GPU service");
+    if (vmm !== "qemu") {
+      throw unimplemented(`vms/${vm}/devices/${d.id}`, `GPU passthrough is built for QEMU only, not ${vmm}`);
+    }
+    return this.d.gpus.passthrough(d.gpu.replace(/^gpus\//, ""), `vms/${vm}`);
+  }
+
+  /** The volume as this VM's VMM attaches it now (its storage daemon made ready, when it has one). */
+  async #open(vm: string, d: DiskDevice): Promise<VolumeFile> {
+    if (!this.d.volumes?.open) return this.#volume(d);
+    return this.d.volumes.open(d.volume, { vm: `vms/${vm}`, readOnly: d.readOnly });
   }
 
   /** Reserves the NIC's port on its network (creating its tap), or returns the one it has. */
@@ -742,8 +821,14 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
               );
             }
             if (step.device.kind === "disk")
-              await e.vmm?.attachDisk(attachedDisk(step.device, await this.#volume(step.device), slot));
-            else if (plug) await e.vmm?.attachNic({ id: step.device.id, tap: plug.tap, mac: plug.mac, slot });
+              await e.vmm?.attachDisk(attachedDisk(step.device, await this.#open(vm, step.device), slot));
+            else if (step.device.kind === "gpu") {
+              const g = await this.#gpu(e.record.spec.vmm, vm, step.device);
+              if (!e.vmm?.attachGpu)
+                throw unimplemented("gpu hotplug", `the ${e.record.spec.vmm} VMM cannot hot-plug GPUs`);
+              await e.vmm.attachGpu({ id: step.device.id, host: g.address, functions: g.functions, slot });
+            } else if (plug)
+              await e.vmm?.attachNic({ id: step.device.id, tap: plug.tap, mac: plug.mac, slot });
           }
         } catch (err) {
           // A port reserved by this very element is given back.
@@ -760,6 +845,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         const had = cur();
         if (running && had?.bound) {
           if (step.device.kind === "disk") await e.vmm?.detachDisk(step.device.id, 30_000);
+          else if (step.device.kind === "gpu") await e.vmm?.detachGpu?.(step.device.id, 30_000);
           else await e.vmm?.detachNic(step.device.id, 30_000);
         }
         if (step.kind === "leave") {
@@ -784,11 +870,15 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   }
 
   /** The bound devices of a VM, resolved and plugged, each with its root port (assigned now if it had none). */
-  async #boundDevices(
-    e: Entry,
-  ): Promise<{ disks: AttachedDisk[]; nics: AttachedNic[]; firstNic: NicPlug | undefined }> {
+  async #boundDevices(e: Entry): Promise<{
+    disks: AttachedDisk[];
+    nics: AttachedNic[];
+    gpus: AttachedGpu[];
+    firstNic: NicPlug | undefined;
+  }> {
     const disks: AttachedDisk[] = [];
     const nics: AttachedNic[] = [];
+    const gpus: AttachedGpu[] = [];
     let firstNic: NicPlug | undefined;
     const devices = e.record.devices.map((d) => ({ ...d }));
     for (const d of devices) {
@@ -797,7 +887,10 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       if (d.slot === undefined)
         throw failedPrecondition(`vms/${e.record.id} has more devices than hotplug slots`, "NO_HOTPLUG_SLOT");
       if (d.device.kind === "disk") {
-        disks.push(attachedDisk(d.device, await this.#volume(d.device), d.slot));
+        disks.push(attachedDisk(d.device, await this.#open(e.record.id, d.device), d.slot));
+      } else if (d.device.kind === "gpu") {
+        const g = await this.#gpu(e.record.spec.vmm, e.record.id, d.device);
+        gpus.push({ id: d.device.id, host: g.address, functions: g.functions, slot: d.slot });
       } else {
         d.plug = await this.#plug(e.record.id, d.device, d.plug);
         firstNic ??= d.plug;
@@ -805,7 +898,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       }
     }
     if (devices.length > 0) await this.#set(e, { devices });
-    return { disks, nics, firstNic };
+    return { disks, nics, gpus, firstNic };
   }
 
   // ---- start-up and shut-down ------------------------------------------------------------------
@@ -942,7 +1035,13 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     );
   }
 
-  async #launch(e: Entry, driver: VmmDriver, paused: boolean, from?: SnapshotRecord): Promise<void> {
+  async #launch(
+    e: Entry,
+    driver: VmmDriver,
+    paused: boolean,
+    from?: SnapshotRecord,
+    signal?: AbortSignal,
+  ): Promise<void> {
     const accelerator = e.record.spec.accelerator ?? (await this.d.effectiveAccelerator());
     await this.#set(e, { state: "starting", stateMessage: "", guestReadyTimeMs: undefined });
     try {
@@ -952,17 +1051,21 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         (st) => st.size,
         () => 0,
       );
-      const { disks, nics, firstNic } = await this.#boundDevices(e);
-      const vmm = await driver.launch({
-        id: e.record.id,
-        spec: withNetworkCmdline(e.record.spec, firstNic),
-        accelerator,
-        paths,
-        paused,
-        disks,
-        nics,
-        ...(incoming ? { incoming } : {}),
-      });
+      const { disks, nics, gpus, firstNic } = await this.#boundDevices(e);
+      const vmm = await driver.launch(
+        {
+          id: e.record.id,
+          spec: withNetworkCmdline(e.record.spec, firstNic),
+          accelerator,
+          paths,
+          paused,
+          disks,
+          nics,
+          ...(gpus.length > 0 ? { gpus } : {}),
+          ...(incoming ? { incoming } : {}),
+        },
+        signal,
+      );
       this.#attach(e, vmm, logOffset);
       if (from && incoming) {
         // Stream the saved state in; the guest goes on where it was when the snapshot was taken.
@@ -1109,5 +1212,13 @@ function withNetworkCmdline(spec: VmSpec, nic: NicPlug | undefined): VmSpec {
 }
 
 function attachedDisk(d: DiskDevice, f: VolumeFile, slot: number): AttachedDisk {
-  return { id: d.id, path: f.path, format: f.format, readOnly: d.readOnly, serial: d.serial, slot };
+  return {
+    id: d.id,
+    path: f.path,
+    format: f.format,
+    readOnly: d.readOnly,
+    serial: d.serial,
+    slot,
+    ...(f.export ? { export: f.export } : {}),
+  };
 }

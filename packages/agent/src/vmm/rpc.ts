@@ -22,6 +22,7 @@ import { readConsole } from "./console.js";
 import {
   devicesFromPbSpec,
   fromPbDisk,
+  fromPbGpu,
   fromPbNic,
   fromPbRestartPolicy,
   fromPbSpec,
@@ -344,8 +345,11 @@ export function vmService(m: VmManager): ServiceBinding {
           const device = fromPbNic(d.value, `${field}.nic`);
           return { action, deviceId: device.id, device };
         }
-        if (d.case === "gpu") throw unimplemented(`${field}.gpu`, "GPU passthrough arrives with issue #5");
-        throw invalidArgument(`${field}.device`, "set device_id or a disk");
+        if (d.case === "gpu") {
+          const device = fromPbGpu(d.value, `${field}.gpu`);
+          return { action, deviceId: device.id, device };
+        }
+        throw invalidArgument(`${field}.device`, "set device_id, a disk, a nic or a gpu");
       });
       const { results, vm } = await m.commitDevices(id, changes, {
         validateOnly: req.validateOnly,

@@ -100,7 +100,12 @@ export interface StepContext {
   progress(percent: number, stage: string): void;
   /** Records the agent operation the step started (shown in the step; used by resumes). */
   recordAgentOperation(agent: string, operation: string): Promise<void>;
-  /** Starts a child operation (persisted with this one as parent) and waits until it ends. */
+  /**
+   * Starts a child operation (persisted with this one as parent) and waits until it ends; resolves
+   * with the child in whatever final state it reached (SUCCEEDED, FAILED or CANCELLED: check it).
+   * On a resume the child recorded by the step is waited for instead of starting another. A child
+   * whose kind takes the lock its parent (or an ancestor) holds runs under it.
+   */
   child(kind: string, target: string, input: JsonValue): Promise<OpRecord>;
 }
 
@@ -111,7 +116,12 @@ export interface StepDef {
   agent?: string;
   /** Does the step's work. Idempotent. Throw a VmenvError to fail the operation (it rolls back). */
   run(ctx: StepContext): Promise<void>;
-  /** Undoes the step's work, for rollback. Idempotent. Absent: nothing to undo. */
+  /**
+   * Undoes the step's work, for rollback. Idempotent. Absent: nothing to undo. Called for every step
+   * that started — the completed ones, and also the one that failed or was interrupted by a crash or a
+   * cancel, since its run may have acted partly — so it must accept "nothing there" (measure first).
+   * A child started from an undo (`ctx.child`) is its own, not the run's.
+   */
   undo?(ctx: StepContext): Promise<void>;
 }
 

@@ -6,14 +6,17 @@
  * |--------------------------------------|------------------------------------------------------|
  * | `meta/layout`                        | layout version of the whole store                    |
  * | `node/{path}`                        | tree node: description, labels, policy, times, etag  |
- * | `usage/{path}`                       | usage of the node's whole subtree (claims included)  |
+ * | `usage/{path}`                       | usage of the node's whole subtree (claims included); |
+ * |                                      | absent = zero                                        |
+ * | `nodereq/{request id}`               | first result of a tree mutation with that request id |
  * | `agent/{agent}`                      | fleet agent: address, labels, state, last heartbeat  |
  * | `alloc/{agent}`                      | usage placed on the agent (claims included)          |
- * | `env/{env}`                          | environment with its members and their placement     |
+ * | `agentreq/{request id}`              | what an AgentService request id did, for its replay  |
+ * | `env/{env}`                          | environment: node, members (spec, agent, state, outputs) |
  * | `op/{op}`                            | operation with its steps and step data               |
  * | `opreq/{request id}`                 | id of the operation a request id started             |
  * | `lock/{env}`                         | id of the operation holding the environment's lock   |
- * | `claim/{claim}`                      | reservation: agent, usage, tree node, deadline, owner |
+ * | `claim/{op}.{member}`                 | reservation: agent, usage, tree node, deadline, owner |
  *
  * Records of one change are written in one transaction (store.ts), e.g. a member's VM record, its
  * agent's `alloc/`, and `usage/` of every ancestor of its node.
@@ -23,15 +26,19 @@ export const keys = {
   node: (path: string) => `node/${path}`,
   nodePrefix: "node/",
   usage: (path: string) => `usage/${path}`,
+  nodeRequest: (requestId: string) => `nodereq/${requestId}`,
   agent: (id: string) => `agent/${id}`,
   agentPrefix: "agent/",
   alloc: (id: string) => `alloc/${id}`,
+  allocPrefix: "alloc/",
+  agentRequest: (requestId: string) => `agentreq/${requestId}`,
   env: (id: string) => `env/${id}`,
   envPrefix: "env/",
   op: (id: string) => `op/${id}`,
   opPrefix: "op/",
   opRequest: (requestId: string) => `opreq/${requestId}`,
   lock: (env: string) => `lock/${env}`,
+  lockPrefix: "lock/",
   claim: (id: string) => `claim/${id}`,
   claimPrefix: "claim/",
 } as const;

@@ -1,5 +1,5 @@
 import { MIB } from "../domain.js";
-import { type AttachedDisk, HOTPLUG_SLOTS, type LaunchRequest } from "../driver.js";
+import { type AttachedDisk, type AttachedGpu, HOTPLUG_SLOTS, type LaunchRequest } from "../driver.js";
 
 /**
  * The QEMU command line of a VM. Pure: the same request gives the same arguments. The process
@@ -15,8 +15,12 @@ export function qemuArgs(req: LaunchRequest): string[] {
   const args = [
     "-name",
     `guest=${req.id},process=vmenv-${req.id},debug-threads=on`,
+    // Guest RAM is a shared memfd, so that vhost-user backends (a storage daemon's vhost-user-blk
+    // export) can map it; hot-plugged DIMMs are shared memfds too.
+    "-object",
+    `memory-backend-memfd,id=mem,size=${memMib}M,share=on`,
     "-machine",
-    `q35,accel=${accelerator}`,
+    `q35,accel=${accelerator},memory-backend=mem`,
     "-cpu",
     accelerator === "kvm" ? "host" : "max",
     "-smp",
@@ -52,6 +56,15 @@ export function qemuArgs(req: LaunchRequest): string[] {
     args.push("-netdev", `tap,id=n-${n.id},ifname=${n.tap},script=no,downscript=no`);
     args.push("-device", `virtio-net-pci,id=nic-${n.id},netdev=n-${n.id},mac=${n.mac},bus=rp${n.slot}`);
   }
+  for (const g of req.gpus ?? []) {
+    for (const d of gpuObjects(g))
+      args.push(
+        "-device",
+        Object.entries(d)
+          .map(([k, x]) => (k === "driver" ? x : `${k}=${x}`))
+          .join(","),
+      );
+  }
   if (spec.boot.kind === "kernel") {
     args.push("-kernel", spec.boot.kernelPath);
     if (spec.boot.initrdPath) args.push("-initrd", spec.boot.initrdPath);
@@ -60,6 +73,100 @@ export function qemuArgs(req: LaunchRequest): string[] {
   if (req.paused || req.incoming) args.push("-S");
   if (req.incoming) args.push("-incoming", `unix:${req.incoming}`);
   return args;
+}
+
+/**
+ * QEMU objects of one disk served by a storage daemon: a vhost-user-blk device on a socket chardev
+ * (reconnecting when the daemon restarts), or a virtio-blk device on an NBD client node.
+ */
+export function exportedDiskObjects(d: AttachedDisk) {
+  const e = d.export;
+  if (!e) return undefined;
+  if (e.kind === "vhost-user-blk") {
+    return {
+      kind: e.kind,
+      chardev: {
+        id: `c-${d.id}`,
+        backend: {
+          type: "socket",
+          data: { addr: { type: "unix", data: { path: e.socket } }, server: false, reconnect: 1 },
+        },
+      },
+      device: {
+        driver: "vhost-user-blk-pci",
+        id: `disk-${d.id}`,
+        chardev: `c-${d.id}`,
+        bus: `rp${d.slot}`,
+        "num-queues": 1,
+      },
+    } as const;
+  }
+  return {
+    kind: e.kind,
+    node: {
+      driver: "nbd",
+      "node-name": `d-${d.id}`,
+      server: { type: "unix", path: e.socket },
+      export: e.exportName,
+      "read-only": d.readOnly,
+      "reconnect-delay": 10,
+    },
+    device: {
+      driver: "virtio-blk-pci",
+      id: `disk-${d.id}`,
+      drive: `d-${d.id}`,
+      bus: `rp${d.slot}`,
+      ...(d.serial ? { serial: d.serial } : {}),
+    },
+  } as const;
+}
+
+/**
+ * The vfio-pci devices of one GPU, behind its root port: function 0 (the GPU) at slot address 0.0 and
+ * its other functions (HDMI audio) at 0.N of the same slot, so the guest sees one multi-function device
+ * as on the host. Listed in hot-plug order: the other functions first, function 0 last (adding
+ * function 0 is what makes the guest see the slot).
+ */
+export function gpuObjects(g: AttachedGpu): Record<string, string>[] {
+  const multi = g.functions.length > 0;
+  const others = g.functions.map((f) => ({
+    driver: "vfio-pci",
+    host: f,
+    id: `gpu-${g.id}-f${f.slice(-1)}`,
+    bus: `rp${g.slot}`,
+    addr: `00.${f.slice(-1)}`,
+  }));
+  return [
+    ...others,
+    {
+      driver: "vfio-pci",
+      host: g.host,
+      id: `gpu-${g.id}`,
+      bus: `rp${g.slot}`,
+      addr: "00.0",
+      ...(multi ? { multifunction: "on" } : {}),
+    },
+  ];
+}
+
+/**
+ * Hot-plugs a GPU over QMP: `device_add` of each vfio-pci function, function 0 last. When one fails, the
+ * functions already added are deleted again, so nothing of the GPU stays in the VM.
+ */
+export async function hotplugGpu(
+  execute: (command: string, args: Record<string, unknown>) => Promise<unknown>,
+  g: AttachedGpu,
+): Promise<void> {
+  const added: string[] = [];
+  try {
+    for (const d of gpuObjects(g)) {
+      await execute("device_add", d);
+      added.push(d.id as string);
+    }
+  } catch (e) {
+    for (const id of added.reverse()) await execute("device_del", { id }).catch(() => undefined);
+    throw e;
+  }
 }
 
 /** QEMU objects of one disk: a file node, a format node on it, a virtio-blk device behind its root port. */
@@ -80,6 +187,23 @@ export function diskObjects(d: AttachedDisk) {
 }
 
 function diskArgs(d: AttachedDisk, v: (s: string) => string): string[] {
+  if (d.export?.kind === "vhost-user-blk") {
+    return [
+      "-chardev",
+      `socket,id=c-${d.id},path=${v(d.export.socket)},reconnect=1`,
+      "-device",
+      `vhost-user-blk-pci,id=disk-${d.id},chardev=c-${d.id},bus=rp${d.slot},num-queues=1`,
+    ];
+  }
+  if (d.export?.kind === "nbd") {
+    const ro = d.readOnly ? "on" : "off";
+    return [
+      "-blockdev",
+      `driver=nbd,node-name=d-${d.id},server.type=unix,server.path=${v(d.export.socket)},export=${v(d.export.exportName)},read-only=${ro},reconnect-delay=10`,
+      "-device",
+      `virtio-blk-pci,id=disk-${d.id},drive=d-${d.id},bus=rp${d.slot}${d.serial ? `,serial=${v(d.serial)}` : ""}`,
+    ];
+  }
   const o = diskObjects(d);
   return [
     "-blockdev",

@@ -5,16 +5,19 @@ import { VmenvError } from "@vmenv/rpc/errors";
 import { execa } from "execa";
 import type {
   AttachedDisk,
+  AttachedGpu,
   AttachedNic,
   ExitCause,
   LaunchRequest,
   RunningVmm,
+  VmmCounters,
   VmmDriver,
   VmPaths,
 } from "../driver.js";
-import { alive } from "../process.js";
-import { diskObjects, qemuArgs } from "./cmdline.js";
-import { QmpClient, type QmpEvent } from "./qmp.js";
+import { alive, killHard, waitGone } from "../process.js";
+import { diskObjects, exportedDiskObjects, hotplugGpu, qemuArgs } from "./cmdline.js";
+import { type QmpBalloon, type QmpBlockStats, type QmpCpu, qemuCounters } from "./counters.js";
+import { QmpClient, QmpError, type QmpEvent } from "./qmp.js";
 
 /** The process name QEMU gives itself (`-name …,process=vmenv-<id>`), to tell our QEMU from a reused pid. */
 async function commOf(pid: number): Promise<string | undefined> {
@@ -57,7 +60,8 @@ export class QemuDriver implements VmmDriver {
     const r = await execa(binary, qemuArgs(req), {
       reject: false,
       timeout: 30_000,
-      cancelSignal: signal,
+      // Not cancelled half-way: a QEMU killed while it daemonizes may leave its daemon behind. A cancel
+      // is honoured once the daemon is known (below).
       stdin: "ignore",
     });
     if (r.exitCode !== 0) {
@@ -73,6 +77,11 @@ export class QemuDriver implements VmmDriver {
       );
     }
     const pid = Number((await readFile(req.paths.pidFile, "utf8")).trim());
+    if (signal?.aborted) {
+      killHard(pid);
+      await waitGone(pid, 5000);
+      signal.throwIfAborted();
+    }
     const vmm = await QemuVmm.connect(req.paths, pid);
     if (!vmm) throw new Error(`QEMU for vms/${req.id} exited right after it started`);
     return vmm;
@@ -188,6 +197,25 @@ class QemuVmm
     }
   }
   async attachDisk(disk: AttachedDisk): Promise<void> {
+    const ex = exportedDiskObjects(disk);
+    if (ex) {
+      // A storage daemon serves it: a vhost-user-blk device on a chardev, or virtio-blk on an NBD node.
+      const undo =
+        ex.kind === "vhost-user-blk"
+          ? await this.qmp
+              .execute("chardev-add", ex.chardev)
+              .then(() => () => this.qmp.execute("chardev-remove", { id: ex.chardev.id }))
+          : await this.qmp
+              .execute("blockdev-add", ex.node)
+              .then(() => () => this.qmp.execute("blockdev-del", { "node-name": ex.node["node-name"] }));
+      try {
+        await this.qmp.execute("device_add", ex.device);
+      } catch (e) {
+        await undo().catch(() => undefined);
+        throw e;
+      }
+      return;
+    }
     const o = diskObjects(disk);
     const undo: (() => Promise<unknown>)[] = [];
     try {
@@ -200,6 +228,13 @@ class QemuVmm
       for (const u of undo.reverse()) await u().catch(() => undefined);
       throw e;
     }
+  }
+  async attachGpu(gpu: AttachedGpu): Promise<void> {
+    await hotplugGpu((c, a) => this.qmp.execute(c, a), gpu);
+  }
+  async detachGpu(id: string, timeoutMs: number): Promise<void> {
+    // Unplugging function 0 takes the whole slot (its other functions too) out of the guest.
+    await this.#unplug(`gpu-${id}`, timeoutMs);
   }
   async attachNic(nic: AttachedNic): Promise<void> {
     await this.qmp.execute("netdev_add", {
@@ -247,8 +282,14 @@ class QemuVmm
   }
   async detachDisk(id: string, timeoutMs: number): Promise<void> {
     await this.#unplug(`disk-${id}`, timeoutMs);
-    await this.qmp.execute("blockdev-del", { "node-name": `d-${id}` });
-    await this.qmp.execute("blockdev-del", { "node-name": `f-${id}` });
+    // What the disk was made of: a format node on a file node (a plain file), an NBD node alone, or a
+    // chardev (vhost-user-blk). Whatever is absent answers "not found", which is fine here.
+    const absent = (e: unknown) => {
+      if (!(e instanceof QmpError) || !/not found|cannot find|failed to find/i.test(e.message)) throw e;
+    };
+    await this.qmp.execute("blockdev-del", { "node-name": `d-${id}` }).catch(absent);
+    await this.qmp.execute("blockdev-del", { "node-name": `f-${id}` }).catch(absent);
+    await this.qmp.execute("chardev-remove", { id: `c-${id}` }).catch(absent);
   }
   async hotplugVcpus(total: number): Promise<void> {
     type Slot = { type: string; "qom-path"?: string; props: Record<string, number> };
@@ -265,9 +306,11 @@ class QemuVmm
   async hotplugMemory(bytes: bigint): Promise<void> {
     const n = `${Date.now().toString(36)}`;
     await this.qmp.execute("object-add", {
-      "qom-type": "memory-backend-ram",
+      // Shared like the boot memory (vhost-user backends map all of the guest's RAM).
+      "qom-type": "memory-backend-memfd",
       id: `mem-${n}`,
       size: Number(bytes),
+      share: true,
     });
     try {
       await this.qmp.execute("device_add", { driver: "pc-dimm", id: `dimm-${n}`, memdev: `mem-${n}` });
@@ -285,5 +328,14 @@ class QemuVmm
   }
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown> {
     return this.qmp.execute(command, args);
+  }
+  async counters(): Promise<VmmCounters> {
+    const [cpus, blocks, balloon] = await Promise.all([
+      this.qmp.execute<QmpCpu[]>("query-cpus-fast"),
+      this.qmp.execute<QmpBlockStats[]>("query-blockstats"),
+      // No balloon device: QEMU answers DeviceNotActive, and the VM has no balloon to report.
+      this.qmp.execute<QmpBalloon>("query-balloon").catch(() => undefined),
+    ]);
+    return qemuCounters(cpus, blocks, balloon);
   }
 }

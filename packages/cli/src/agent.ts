@@ -1,0 +1,163 @@
+import { randomUUID } from "node:crypto";
+import { toJson } from "@bufbuild/protobuf";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { type Agent, AgentSchema, AgentService, AgentState } from "@vmenv/api/coordinator/v1";
+import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
+import type { Command } from "commander";
+import { bytes, duration, keyValues, table } from "./output.js";
+
+type Print = (json: unknown, text: () => string) => void;
+
+const stateName = (s: AgentState) => (AgentState[s] ?? "?").toLowerCase();
+
+/** "k=v" arguments → labels (a value may contain "="). */
+export function parseLabels(args: readonly string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const a of args) {
+    const i = a.indexOf("=");
+    if (i <= 0) throw new Error(`"${a}" is not a label (key=value)`);
+    out[a.slice(0, i)] = a.slice(i + 1);
+  }
+  return out;
+}
+
+/** What an agent offers to VMs, as the coordinator counts it (HostInfo.capacity). */
+function capacity(a: Agent): { vcpus: number; memory: bigint } {
+  const c = a.host?.capacity;
+  return { vcpus: c?.vcpusAllocatable ?? 0, memory: c?.memoryAllocatableBytes ?? 0n };
+}
+
+function ago(a: Agent, now: number): string {
+  if (!a.lastHeartbeatTime) return "never";
+  return `${duration(Math.max(0, (now - timestampDate(a.lastHeartbeatTime).getTime()) / 1000))} ago`;
+}
+
+function agentTable(agents: Agent[]): string {
+  const now = Date.now();
+  return table(
+    ["ID", "ADDRESS", "STATE", "VCPUS", "MEMORY", "HEARTBEAT"],
+    agents.map((a) => {
+      const cap = capacity(a);
+      return [
+        a.name.replace(/^agents\//, ""),
+        a.address,
+        stateName(a.state),
+        `${a.allocated?.vcpus ?? 0}/${cap.vcpus}`,
+        `${bytes(a.allocated?.memoryBytes ?? 0n)}/${bytes(cap.memory)}`,
+        ago(a, now),
+      ];
+    }),
+  );
+}
+
+function agentDetail(a: Agent): string {
+  const cap = capacity(a);
+  const h = a.host;
+  return keyValues([
+    ["Name", a.name],
+    ["Address", a.address],
+    ["State", `${stateName(a.state)}${a.stateMessage ? ` (${a.stateMessage})` : ""}`],
+    ["Heartbeat", ago(a, Date.now())],
+    ["Host", h ? `${h.hostname}, ${h.cpu?.threads ?? 0} threads, agent ${h.agentVersion}` : "-"],
+    ["vCPUs", `${a.allocated?.vcpus ?? 0} allocated of ${cap.vcpus}`],
+    ["Memory", `${bytes(a.allocated?.memoryBytes ?? 0n)} allocated of ${bytes(cap.memory)}`],
+    ["GPUs", `${a.allocated?.gpus ?? 0} allocated of ${h?.capacity?.gpusTotal ?? 0}`],
+    ["VMs placed", String(a.allocated?.vms ?? 0)],
+    [
+      "Labels",
+      Object.entries(a.labels)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(", ") || "-",
+    ],
+  ]);
+}
+
+/** `vmenv agent …`: the coordinator's fleet. */
+export function agentCommands(program: Command, cfg: () => ClientConfig, print: Print): void {
+  const agent = program.command("agent").description("the coordinator's fleet of agents");
+  const client = () => createDaemonClient(AgentService, cfg());
+  const name = (id: string) => (id.startsWith("agents/") ? id : `agents/${id}`);
+  const show = (a: Agent) => print(toJson(AgentSchema, a), () => agentDetail(a));
+
+  agent
+    .command("register <id> <address>")
+    .description("add the agent listening on <address> (host:port) to the fleet")
+    .option("--label <k=v...>", "labels for placement")
+    .action(async (id: string, address: string, o) => {
+      const labels = parseLabels((o.label as string[] | undefined) ?? []);
+      show(
+        await client().registerAgent({ agentId: id, agent: { address, labels }, requestId: randomUUID() }),
+      );
+    });
+
+  agent
+    .command("list")
+    .description("the agents of the fleet")
+    .option("--state <state...>", "only agents in these states (ready, cordoned, draining, down)")
+    .option("--label <k=v...>", "only agents with these labels")
+    .action(async (o) => {
+      const states = ((o.state as string[] | undefined) ?? []).map((s) => {
+        const v = AgentState[s.toUpperCase() as keyof typeof AgentState];
+        if (v === undefined || v === AgentState.UNSPECIFIED) throw new Error(`unknown state "${s}"`);
+        return v;
+      });
+      const labels = parseLabels((o.label as string[] | undefined) ?? []);
+      const agents: Agent[] = [];
+      let pageToken = "";
+      do {
+        const r = await client().listAgents({ states, labels, pageToken, pageSize: 500 });
+        agents.push(...r.agents);
+        pageToken = r.nextPageToken;
+      } while (pageToken);
+      print({ agents: agents.map((a) => toJson(AgentSchema, a)) }, () => agentTable(agents));
+    });
+
+  agent
+    .command("get <id>")
+    .description("one agent, with its host and what is placed on it")
+    .action(async (id: string) => show(await client().getAgent({ name: name(id) })));
+
+  agent
+    .command("cordon <id>")
+    .description("stop placing new VMs on the agent (what runs there stays)")
+    .option("--reason <text>", "why, shown in its state message", "")
+    .action(async (id: string, o) =>
+      show(
+        await client().cordonAgent({ name: name(id), reason: o.reason as string, requestId: randomUUID() }),
+      ),
+    );
+
+  agent
+    .command("uncordon <id>")
+    .description("let placement use a cordoned agent again")
+    .action(async (id: string) =>
+      show(await client().uncordonAgent({ name: name(id), requestId: randomUUID() })),
+    );
+
+  agent
+    .command("label <id> <k=v...>")
+    .description('set labels k=v (others stay); "k-" removes label k')
+    .action(async (id: string, kv: string[]) => {
+      const c = client();
+      const cur = await c.getAgent({ name: name(id) });
+      const labels = { ...cur.labels };
+      for (const k of kv.filter((a) => a.endsWith("-") && !a.includes("="))) delete labels[k.slice(0, -1)];
+      Object.assign(labels, parseLabels(kv.filter((a) => !(a.endsWith("-") && !a.includes("=")))));
+      show(
+        await c.updateAgent({
+          agent: { name: name(id), labels, etag: cur.etag },
+          updateMask: { paths: ["labels"] },
+          requestId: randomUUID(),
+        }),
+      );
+    });
+
+  agent
+    .command("remove <id>")
+    .description("take the agent out of the fleet")
+    .option("--force", "even though VMs are placed on it (they become lost)")
+    .action(async (id: string, o) => {
+      await client().removeAgent({ name: name(id), force: !!o.force, requestId: randomUUID() });
+      print({ removed: name(id) }, () => `removed ${name(id)}`);
+    });
+}

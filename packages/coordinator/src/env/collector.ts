@@ -1,0 +1,182 @@
+/**
+ * The collector (seed 001's container collector). Runs once at start and then every
+ * `collectorIntervalMs`:
+ *
+ * 1. **Expired reservations**: a claim (`claim/{op}.{member}`) past its deadline whose operation is
+ *    final or gone is released — its usage given back to the tree and the agent, the claim deleted, and
+ *    the member it held room for (never confirmed: it has no VM) dropped from its environment record —
+ *    in one transaction.
+ * 2. **VMs (and volumes) nobody owns**: on every agent that is not DOWN, a VM or volume carrying the
+ *    coordinator's labels whose environment has no such member on that agent, and whose environment no
+ *    operation holds (its lock is free), is deleted.
+ *
+ * Every action is logged; counters say how much was done.
+ */
+import type { Logger } from "@vmenv/rpc";
+import { usageFromStore } from "../domain/usage.js";
+import { keys } from "../store/keys.js";
+import type { JsonValue } from "../store/store.js";
+import { deleteVm, deleteVolume } from "./agent.js";
+import { LABEL_ENV, LABEL_MANAGED, LABEL_MEMBER, MANAGED_BY } from "./model.js";
+import { type ClaimRecord, type EnvDeps, readEnv } from "./ops.js";
+
+const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+export interface CollectorCounters {
+  runs: number;
+  claimsReleased: number;
+  vmsRemoved: number;
+  volumesRemoved: number;
+  errors: number;
+}
+
+export class Collector {
+  readonly counters: CollectorCounters = {
+    runs: 0,
+    claimsReleased: 0,
+    vmsRemoved: 0,
+    volumesRemoved: 0,
+    errors: 0,
+  };
+  #timer: NodeJS.Timeout | undefined;
+  #running: Promise<void> | undefined;
+  #stopped = false;
+  readonly #log: Logger;
+
+  constructor(private readonly deps: EnvDeps) {
+    this.#log = deps.logger;
+  }
+
+  /** Runs once now, then every `intervalMs`. */
+  start(intervalMs: number): void {
+    const tick = () => {
+      if (this.#stopped || this.#running !== undefined) return;
+      this.#running = this.runOnce()
+        .catch((err: unknown) => {
+          this.counters.errors += 1;
+          this.#log.warn({ err }, "collector pass failed");
+        })
+        .finally(() => {
+          this.#running = undefined;
+        });
+    };
+    tick();
+    this.#timer = setInterval(tick, intervalMs);
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    if (this.#timer) clearInterval(this.#timer);
+    await this.#running;
+  }
+
+  /** One pass: expired claims, then VMs and volumes nobody owns. */
+  async runOnce(): Promise<void> {
+    this.counters.runs += 1;
+    await this.collectClaims();
+    await this.collectOrphans();
+  }
+
+  async collectClaims(): Promise<void> {
+    const { store, clock } = this.deps;
+    const now = clock.now();
+    for (const [key, c] of await store.list<ClaimRecord>(keys.claimPrefix)) {
+      if (c.deadlineMs > now) continue;
+      const op = await store.get<{ state?: string } & { [k: string]: JsonValue | undefined }>(keys.op(c.op));
+      if (op && !FINAL.has(op.state ?? "")) continue;
+      const released = await store.transact(async (tx) => {
+        const cur = await tx.get<ClaimRecord>(key);
+        if (!cur) return false;
+        const usage = usageFromStore(cur.usage);
+        const e = await readEnv(tx, cur.env);
+        const m = e?.members.find((x) => x.id === cur.member);
+        if (e && m?.vm) {
+          // Confirmed after all (its VM exists): the member holds the room now; only the claim goes.
+          tx.del(key);
+          return false;
+        }
+        await this.deps.tree.release(tx, cur.node, usage);
+        await this.deps.fleet.release(tx, cur.agent, usage);
+        tx.del(key);
+        if (e && m) {
+          e.members = e.members.filter((x) => x.id !== cur.member);
+          e.updateMs = now;
+          if (e.members.length === 0 && e.createOp === cur.op) tx.del(keys.env(e.id));
+          else tx.put(keys.env(e.id), e);
+        }
+        return true;
+      });
+      if (released) {
+        this.counters.claimsReleased += 1;
+        this.#log.info(
+          {
+            claim: key,
+            op: `operations/${c.op}`,
+            environment: `environments/${c.env}`,
+            member: c.member,
+            agent: `agents/${c.agent}`,
+            node: `nodes/${c.node}`,
+            opState: op?.state ?? "missing",
+          },
+          "collector released an expired reservation",
+        );
+      }
+    }
+  }
+
+  #seq = 0;
+  /** A request id of the collector's own (letters, digits and `.:-`, as agents require). */
+  #requestId(name: string): string {
+    const bare = name.replace(/^[a-z]+\//, "");
+    return `collector:${bare}:${this.deps.clock.now().toString(36)}.${++this.#seq}`.slice(0, 128);
+  }
+
+  /** Whether `env`'s member `member` is placed on `agent` or an operation holds the environment. */
+  async #owned(env: string, member: string, agent: string): Promise<boolean> {
+    if (await this.deps.store.get(keys.lock(env))) return true;
+    const e = await readEnv(this.deps.store, env);
+    return e?.members.some((m) => m.id === member && m.agent === agent) ?? false;
+  }
+
+  async collectOrphans(): Promise<void> {
+    const labels = { [LABEL_MANAGED]: MANAGED_BY };
+    for (const view of this.deps.fleet.views()) {
+      if (view.state === "down") continue;
+      try {
+        const clients = this.deps.fleet.clients(view.id);
+        const a = { id: view.id, clients };
+        const { vms } = await clients.vms.listVms({ labels, pageSize: 1000 });
+        for (const vm of vms) {
+          if (vm.labels[LABEL_MANAGED] !== MANAGED_BY) continue;
+          const env = vm.labels[LABEL_ENV] ?? "";
+          const member = vm.labels[LABEL_MEMBER] ?? "";
+          if (await this.#owned(env, member, view.id)) continue;
+          await deleteVm(a, env, member, this.#requestId(vm.name));
+          this.counters.vmsRemoved += 1;
+          this.#log.warn(
+            { agent: `agents/${view.id}`, vm: vm.name, environment: `environments/${env}`, member },
+            "collector removed a VM no environment member owns",
+          );
+        }
+        const { volumes } = await clients.blocks.listVolumes({ labels, pageSize: 1000 });
+        for (const v of volumes) {
+          if (v.labels[LABEL_MANAGED] !== MANAGED_BY) continue;
+          const env = v.labels[LABEL_ENV] ?? "";
+          const member = v.labels[LABEL_MEMBER] ?? "";
+          if (v.usedBy.length > 0 || (await this.#owned(env, member, view.id))) continue;
+          const prefix = `volumes/${env}-${member}-`;
+          if (!v.name.startsWith(prefix)) continue;
+          await deleteVolume(a, env, member, v.name.slice(prefix.length), this.#requestId(v.name));
+          this.counters.volumesRemoved += 1;
+          this.#log.warn(
+            { agent: `agents/${view.id}`, volume: v.name, environment: `environments/${env}`, member },
+            "collector removed a volume no environment member owns",
+          );
+        }
+      } catch (err) {
+        this.counters.errors += 1;
+        this.#log.warn({ err, agent: `agents/${view.id}` }, "collector could not check an agent");
+      }
+    }
+  }
+}

@@ -1,0 +1,243 @@
+import { rm } from "node:fs/promises";
+import { Code } from "@connectrpc/connect";
+import { MemberState, type Operation, OperationState } from "@vmenv/api/coordinator/v1";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type RunningAgent, startAgent } from "./support/agent.js";
+import { type RunningCoordinator, startCoordinator } from "./support/coordinator.js";
+import {
+  agentClients,
+  type CoordinatorClients,
+  coordinatorClients,
+  failure,
+  finalOp,
+  guestMember,
+  registerAgents,
+  succeeded,
+  vmsOn,
+} from "./support/env.js";
+import { guestImage } from "./support/guest.js";
+
+const FLAGS = [
+  "--heartbeat-interval-ms",
+  "300",
+  "--heartbeat-timeout-ms",
+  "3000",
+  "--collector-interval-ms",
+  "60000",
+];
+const ENV = "crash";
+const MEMBERS = ["m-1", "m-2"];
+
+/**
+ * The coordinator is SIGKILLed at every crash point of an environment create and of a delete
+ * (VMENV_COORDINATOR_CRASH_POINT=N: the engine kills its process at the N-th point it passes), then
+ * restarted on the same store; the operation must converge and the agents must hold exactly one VM per
+ * member (none after the delete), with the tree's usage matching.
+ */
+describe("coordinator crash at every crash point of environment create and delete", () => {
+  const agents: RunningAgent[] = [];
+  let dir: string | undefined;
+  let coord: RunningCoordinator | undefined;
+
+  const start = async (env: NodeJS.ProcessEnv = {}, extra: string[] = []) => {
+    coord = await startCoordinator([...FLAGS, ...extra], env, { keepDir: true, ...(dir ? { dir } : {}) });
+    dir = coord.dir;
+    return coordinatorClients(coord.socket);
+  };
+  const stop = async () => {
+    await coord?.stop();
+    coord = undefined;
+  };
+
+  beforeAll(async () => {
+    await guestImage();
+    agents.push(await startAgent(), await startAgent());
+    const c = await start();
+    await registerAgents(c, agents);
+    await c.tree.createNode({ nodeId: "crashing", node: { policy: { maxVms: 2 } } });
+    await stop();
+  }, 120_000);
+  afterAll(async () => {
+    await coord?.stop();
+    for (const a of agents) await a.stop();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  const createRequest = async (requestId: string) => ({
+    environmentId: ENV,
+    environment: {
+      node: "nodes/crashing",
+      members: [await guestMember("m-1", "a", { volumeMib: 16 }), await guestMember("m-2", "b")],
+    },
+    requestId,
+  });
+
+  /** A create that fails on the agent (m-2's kernel is missing there) after m-1's volume and VM exist. */
+  const failingRequest = async (requestId: string) => {
+    const r = await createRequest(requestId);
+    const bad = r.environment.members[1] as { spec: { boot: { method: { value: { kernelPath: string } } } } };
+    bad.spec.boot.method.value.kernelPath = "/nonexistent/vmlinuz";
+    return r;
+  };
+
+  const vmNames = async () =>
+    (await Promise.all(agents.map(vmsOn)))
+      .flat()
+      .map((v) => v.name)
+      .sort();
+  const volumeNames = async () =>
+    (
+      await Promise.all(
+        agents.map(
+          async (a) =>
+            (
+              await agentClients(a).blocks.listVolumes({
+                labels: { "vmenv.dev/managed-by": "vmenv-coordinator" },
+              })
+            ).volumes,
+        ),
+      )
+    )
+      .flat()
+      .map((v) => v.name)
+      .sort();
+  const treeVms = async (c: CoordinatorClients) =>
+    (await c.tree.getNode({ name: "nodes/crashing" })).usage?.vms ?? 0;
+  const allocatedVms = async (c: CoordinatorClients) => {
+    let n = 0;
+    for (const id of ["a1", "a2"])
+      n += (await c.agents.getAgent({ name: `agents/${id}` })).allocated?.vms ?? 0;
+    return n;
+  };
+
+  /** The environment exists with every member once, where it says, and the counts match. */
+  async function expectCreated(c: CoordinatorClients) {
+    const env = await c.envs.getEnvironment({ name: `environments/${ENV}` });
+    expect(env.members.map((m) => m.id)).toEqual(MEMBERS);
+    for (const m of env.members) {
+      expect(m.state).toBe(MemberState.STOPPED);
+      const on = await vmsOn(agents[Number(m.agent.replace("agents/a", "")) - 1] as RunningAgent);
+      expect(on.map((v) => v.name)).toContain(`vms/${ENV}-${m.id}`);
+    }
+    expect(await vmNames()).toEqual(MEMBERS.map((m) => `vms/${ENV}-${m}`));
+    expect(await volumeNames()).toEqual([`volumes/${ENV}-m-1-data`]);
+    expect(await treeVms(c)).toBe(2);
+    expect(await allocatedVms(c)).toBe(2);
+  }
+
+  /** Nothing of the environment is left anywhere. */
+  async function expectGone(c: CoordinatorClients) {
+    expect((await failure(c.envs.getEnvironment({ name: `environments/${ENV}` }))).code).toBe(Code.NotFound);
+    expect(await vmNames()).toEqual([]);
+    expect(await volumeNames()).toEqual([]);
+    expect(await treeVms(c)).toBe(0);
+    expect(await allocatedVms(c)).toBe(0);
+  }
+
+  /** Submits `call` (its reply may be lost to the crash), waits for the process to die, restarts, finds the op. */
+  async function crashAndRecover(
+    n: number,
+    requestId: string,
+    call: (c: CoordinatorClients) => Promise<Operation>,
+  ): Promise<{ c: CoordinatorClients; op: Operation }> {
+    const c0 = await start({ VMENV_COORDINATOR_CRASH_POINT: String(n) });
+    const crashed = coord as RunningCoordinator;
+    await call(c0).catch(() => undefined);
+    const how = await Promise.race([
+      crashed.exited,
+      new Promise((r) => setTimeout(() => r("alive"), 60_000)),
+    ]);
+    expect(how, `coordinator did not crash at point ${n}`).toBe("SIGKILL");
+    coord = undefined;
+    const c = await start();
+    const { operations } = await c.ops.listOperations({ requestId });
+    const op = operations[0];
+    if (!op) throw new Error(`no operation for request ${requestId} after crash point ${n}`);
+    return { c, op: await finalOp(c, op) };
+  }
+
+  /** Counts the crash points an operation passes (debug log lines of one clean run). */
+  function countPoints(log: string, op: string): number {
+    return log
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .map((l) => JSON.parse(l) as { msg?: string; op?: string; crashPoint?: number })
+      .filter((j) => j.msg === "crash point" && j.op === op).length;
+  }
+
+  it("converges after a crash at every point, with exactly one VM per member", async () => {
+    // One clean run with debug logs counts the points of each operation.
+    let c = await start({}, ["--log-level", "debug"]);
+    const created = await succeeded(c, c.envs.createEnvironment(await createRequest("count-create")));
+    await expectCreated(c);
+    const deleted = await succeeded(
+      c,
+      c.envs.deleteEnvironment({ name: `environments/${ENV}`, requestId: "count-delete" }),
+    );
+    await expectGone(c);
+    const failed = await finalOp(c, await c.envs.createEnvironment(await failingRequest("count-failing")));
+    expect(failed.state).toBe(OperationState.FAILED);
+    expect(failed.error?.message).toContain("/nonexistent/vmlinuz");
+    await expectGone(c);
+    const log = (coord as RunningCoordinator).log();
+    const createPoints = countPoints(log, created.name);
+    const deletePoints = countPoints(log, deleted.name);
+    const rollbackPoints = countPoints(log, failed.name);
+    await stop();
+    expect(createPoints).toBeGreaterThanOrEqual(12);
+    expect(deletePoints).toBeGreaterThanOrEqual(9);
+    expect(rollbackPoints).toBeGreaterThan(createPoints / 2);
+
+    const outcomes: string[] = [];
+    for (let n = 1; n <= createPoints; n++) {
+      const rid = `create-${n}`;
+      const r = await crashAndRecover(n, rid, async (x) =>
+        x.envs.createEnvironment(await createRequest(rid)),
+      );
+      c = r.c;
+      outcomes.push(`${n}:${OperationState[r.op.state].toLowerCase()}`);
+      if (r.op.state === OperationState.SUCCEEDED) await expectCreated(c);
+      else {
+        expect(r.op.state, `create after crash point ${n}: ${r.op.error?.message}`).toBe(
+          OperationState.FAILED,
+        );
+        await expectGone(c);
+      }
+      if (r.op.state === OperationState.SUCCEEDED)
+        await succeeded(c, c.envs.deleteEnvironment({ name: `environments/${ENV}` }));
+      await expectGone(c);
+      await stop();
+    }
+
+    for (let n = 1; n <= deletePoints; n++) {
+      c = await start();
+      await succeeded(c, c.envs.createEnvironment(await createRequest(`setup-${n}`)));
+      await stop();
+      const rid = `delete-${n}`;
+      const r = await crashAndRecover(n, rid, (x) =>
+        x.envs.deleteEnvironment({ name: `environments/${ENV}`, requestId: rid }),
+      );
+      c = r.c;
+      expect(r.op.state, `delete after crash point ${n}: ${r.op.error?.message}`).toBe(
+        OperationState.SUCCEEDED,
+      );
+      await expectGone(c);
+      await stop();
+    }
+    // A create that fails and rolls back: a crash anywhere, forward or during the rollback, still
+    // ends FAILED with nothing left.
+    for (let n = 1; n <= rollbackPoints; n++) {
+      const rid = `failing-${n}`;
+      const r = await crashAndRecover(n, rid, async (x) =>
+        x.envs.createEnvironment(await failingRequest(rid)),
+      );
+      c = r.c;
+      expect(r.op.state, `failing create after crash point ${n}`).toBe(OperationState.FAILED);
+      await expectGone(c);
+      await stop();
+    }
+    process.stdout.write(
+      `crash points covered: ${createPoints} of environment.create (outcomes ${outcomes.join(" ")}), ${deletePoints} of environment.delete (all succeeded), ${rollbackPoints} of a failing environment.create (all rolled back)\n`,
+    );
+  }, 600_000);
+});
