@@ -13,6 +13,7 @@ import {
   VmSnapshotSchema,
   VmState,
 } from "@vmenv/api/agent/v1";
+import { BadRequestSchema, ErrorInfoSchema } from "@vmenv/api/google/rpc";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import type { Command } from "commander";
 import { bytes, duration, keyValues, table } from "./output.js";
@@ -88,7 +89,7 @@ export function vmCommands(program: Command, cfg: () => ClientConfig, print: Pri
   const vm = program.command("vm").description("virtual machines on the agent");
   const client = () => createDaemonClient(VmService, cfg());
   const name = (id: string) => (id.startsWith("vms/") ? id : `vms/${id}`);
-  const registry = createRegistry(VmSchema, VmSnapshotSchema);
+  const registry = createRegistry(VmSchema, VmSnapshotSchema, ErrorInfoSchema, BadRequestSchema);
   const printOp = async (op: Operation, wait: boolean) => {
     const done = await finish(cfg(), op, wait);
     const vm = done.result ? anyUnpack(done.result, VmSchema) : undefined;

@@ -30,7 +30,6 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
   const clock = systemClock;
   await mkdir(config.dataDir, { recursive: true, mode: 0o750 });
   const store = await openLevelStore(config.dataDir);
-  void clock;
 
   // --- resource tree (tree/) ---
   const tree = new ResourceTree(store, clock);
