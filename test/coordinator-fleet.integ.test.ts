@@ -192,9 +192,8 @@ describe("coordinator fleet: real coordinator, two real agents", () => {
     expect(again.state).toBe(AgentState.READY);
   });
 
-  it("answers UNIMPLEMENTED for drain and evacuate, pointing at issue #7", async () => {
-    const err = await failure(client().drainAgent({ name: "agents/a1" }));
-    expect(err.code).toBe(Code.Unimplemented);
-    expect(err.rawMessage).toContain("#7");
+  it("refuses DrainAgent of an unknown agent or a bad name (drains: coordinator-migrate.integ.test.ts)", async () => {
+    expect((await failure(client().drainAgent({ name: "agents/nope" }))).code).toBe(Code.NotFound);
+    expect((await failure(client().drainAgent({ name: "a1" }))).code).toBe(Code.InvalidArgument);
   });
 });

@@ -7,23 +7,31 @@
 // host figures measured in the same run. Never fails for being slow: a benchmark is not a test.
 //
 //   node scripts/bench/block.mjs [--mib 16] [--rounds 3]
-import { spawn } from "node:child_process";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import {
   BlockService,
   DeviceChangeAction,
   DiagnosticsService,
   NetworkService,
-  OperationState,
   VmService,
   VolumeBackend,
   VolumeFormat,
 } from "@vmenv/api/agent/v1";
 import { createDaemonClient } from "@vmenv/rpc";
+import {
+  finished,
+  guestImage,
+  guestVm,
+  MIB,
+  median,
+  run as runFor,
+  sleep,
+  startAgent,
+  teardown,
+} from "./lib.mjs";
 
 const { values: opt } = parseArgs({
   options: { mib: { type: "string", default: "16" }, rounds: { type: "string", default: "3" } },
@@ -31,133 +39,39 @@ const { values: opt } = parseArgs({
 const mib = Number(opt.mib);
 const rounds = Number(opt.rounds);
 const count = (mib * 1024) / 4;
-const root = resolve(import.meta.dirname, "../..");
-const MIB = 1024n * 1024n;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 
 /** Runs a command with arguments (never through a shell). */
-function run(cmd, args, timeoutMs = 120_000) {
-  return new Promise((res, rej) => {
-    const p = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.setEncoding("utf8").on("data", (d) => (stdout += d));
-    p.stderr.setEncoding("utf8").on("data", (d) => (stderr += d));
-    const t = setTimeout(() => p.kill("SIGKILL"), timeoutMs);
-    p.once("error", rej);
-    p.once("close", (code) => {
-      clearTimeout(t);
-      res({ code, stdout, stderr });
-    });
-  });
-}
-
-async function killMatching(pattern) {
-  for (let i = 0; i < 50; i++) {
-    const pids = (await run("pgrep", ["-f", pattern])).stdout.split("\n").filter(Boolean).map(Number);
-    if (pids.length === 0) return;
-    for (const p of pids) {
-      try {
-        process.kill(p, "SIGKILL");
-      } catch {
-        // gone
-      }
-    }
-    await sleep(100);
-  }
-}
-
-/** The test guest's kernel and initrd (scripts/guest-image builds and caches them). */
-async function guestImage() {
-  const r = await run(join(root, "scripts/guest-image"), [], 600_000);
-  const kernel = /^kernel=(.+)$/m.exec(r.stdout)?.[1];
-  const initrd = /^initrd=(.+)$/m.exec(r.stdout)?.[1];
-  if (r.code !== 0 || !kernel || !initrd) throw new Error(`scripts/guest-image failed: ${r.stderr}`);
-  return { kernel, initrd };
-}
+const run = (cmd, args, timeoutMs = 120_000) => runFor(cmd, args, timeoutMs);
 
 const dir = await mkdtemp(join(tmpdir(), "vmenv-bench-block-"));
-const socket = join(dir, "agent.sock");
-const agentProc = spawn(
-  process.execPath,
-  [
-    join(root, "packages/agent/dist/main.js"),
-    "--state-dir",
-    join(dir, "agent"),
-    "--socket",
-    socket,
-    "--listen",
-    "off",
-    "--accelerator",
-    "tcg",
-    "--kvm-probe-timeout-ms",
-    "200",
-  ],
-  { stdio: ["ignore", "ignore", "pipe"] },
-);
-let agentErr = "";
-const agentExited = new Promise((r) => agentProc.once("exit", (c, s) => r(c ?? s)));
-const agentReady = new Promise((res, rej) => {
-  agentProc.stderr.setEncoding("utf8").on("data", (d) => {
-    agentErr += d;
-    if (agentErr.includes('"msg":"vmenv-agent ready"')) res();
-    if (agentErr.length > 1e6) agentErr = agentErr.slice(-1e5);
-  });
-  void agentExited.then((c) => rej(new Error(`vmenv-agent exited (${c}): ${agentErr}`)));
-  setTimeout(() => rej(new Error(`vmenv-agent not ready after 30s: ${agentErr}`)), 30_000).unref();
-});
+const agent = startAgent(dir);
+const { socket } = agent;
 
 let network;
 let net;
-let cleaned;
-function cleanup() {
-  cleaned ??= (async () => {
-    if (net && network) {
-      const taps = (await net.listPorts({}).catch(() => ({ ports: [] }))).ports.map((p) => p.tapName);
-      // The agent's own cleanup first; whatever is left is removed by name.
-      const vms = createDaemonClient(VmService, { socket, timeoutMs: 60_000 });
-      await vms.deleteVm({ name: "vms/bench", force: true, allowMissing: true }).catch(() => undefined);
-      for (let i = 0; i < 100; i++) {
-        if ((await vms.listVms({}).catch(() => ({ vms: [] }))).vms.length === 0) break;
-        await sleep(100);
-      }
-      await net.deleteNetwork({ name: network.name }).catch(() => undefined);
-      for (const t of taps) await run("ip", ["link", "del", t]);
+const cleanup = teardown(dir, agent, async () => {
+  // The agent's own cleanup first; whatever is left is removed by name.
+  if (net && network) {
+    const taps = (await net.listPorts({}).catch(() => ({ ports: [] }))).ports.map((p) => p.tapName);
+    const vms = createDaemonClient(VmService, { socket, timeoutMs: 60_000 });
+    await vms.deleteVm({ name: "vms/bench", force: true, allowMissing: true }).catch(() => undefined);
+    for (let i = 0; i < 100; i++) {
+      if ((await vms.listVms({}).catch(() => ({ vms: [] }))).vms.length === 0) break;
+      await sleep(100);
     }
-    await killMatching(`qemu-system.*${escapeRe(dir)}`);
-    await killMatching(`qemu-storage-daemon.*${escapeRe(dir)}`);
-    if (network) await run("ip", ["link", "del", network.bridgeName]);
-    if (agentProc.exitCode === null && agentProc.signalCode === null) agentProc.kill("SIGTERM");
-    const t = setTimeout(() => agentProc.kill("SIGKILL"), 10_000);
-    await agentExited;
-    clearTimeout(t);
-    await killMatching(escapeRe(dir));
-    await rm(dir, { recursive: true, force: true });
-  })();
-  return cleaned;
-}
-for (const sig of ["SIGINT", "SIGTERM"]) {
-  process.once(sig, () => {
-    console.error(`\n${sig}: cleaning up`);
-    void cleanup().finally(() => process.exit(sig === "SIGINT" ? 130 : 143));
-  });
-}
+    await net.deleteNetwork({ name: network.name }).catch(() => undefined);
+    for (const t of taps) await run("ip", ["link", "del", t]);
+  }
+  if (network) await run("ip", ["link", "del", network.bridgeName]);
+});
 
 try {
-  await agentReady;
+  await agent.ready;
   const vms = createDaemonClient(VmService, { socket, timeoutMs: 300_000 });
   const diag = createDaemonClient(DiagnosticsService, { socket, timeoutMs: 300_000 });
   const block = createDaemonClient(BlockService, { socket, timeoutMs: 300_000 });
   net = createDaemonClient(NetworkService, { socket, timeoutMs: 60_000 });
-  const done = async (op) => {
-    let cur = op;
-    while (cur.state === OperationState.RUNNING || cur.state === OperationState.PENDING)
-      cur = await diag.waitOperation({ name: op.name, timeout: durationFromMs(120_000) });
-    if (cur.state !== OperationState.SUCCEEDED) throw new Error(`${cur.kind}: ${cur.error?.message}`);
-    return cur;
-  };
+  const done = (op) => finished(diag, op, 120_000);
   /** Types a command on the guest's console; resolves with the output once `expect` matches. */
   const consoleRun = async (command, expect, timeoutMs = 300_000) => {
     const ac = new AbortController();
@@ -201,27 +115,15 @@ try {
   const plainPath = (await block.getVolume({ name: "volumes/plain" })).path;
   const { kernel, initrd } = await guestImage();
   await done(
-    await vms.createVm({
-      vmId: "bench",
-      start: true,
-      vm: {
-        spec: {
-          vcpus: 1,
-          memoryBytes: 256n * MIB,
-          boot: {
-            method: {
-              case: "directKernel",
-              value: {
-                kernelPath: kernel,
-                initrdPath: initrd,
-                cmdline: "console=ttyS0 quiet vmenv.hostname=bench",
-              },
-            },
-          },
-          disks: [{ id: "plain", volume: "volumes/plain", readOnly: false }],
-        },
-      },
-    }),
+    await vms.createVm(
+      guestVm({
+        id: "bench",
+        kernel,
+        initrd,
+        memoryMib: 256,
+        disks: [{ id: "plain", volume: "volumes/plain", readOnly: false }],
+      }),
+    ),
   );
   for (let i = 0; i < 900 && !(await vms.getVm({ name: "vms/bench" })).guestReadyTime; i++) await sleep(200);
 

@@ -7,15 +7,24 @@
 // --running they boot (they need not finish). Prints; never fails for being slow.
 //
 //   node scripts/bench/diagnostics.mjs [--vms 20] [--memory-mib 128] [--scrapes 20] [--running]
-import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp } from "node:fs/promises";
 import { cpus, tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { DiagnosticsService, HostService, OperationState, VmService } from "@vmenv/api/agent/v1";
+import { DiagnosticsService, HostService, VmService } from "@vmenv/api/agent/v1";
 import { createDaemonClient } from "@vmenv/rpc";
+import {
+  cpuTicks,
+  finished,
+  guestImage,
+  guestVm,
+  median,
+  sleep,
+  startAgent,
+  teardown,
+  ticksToMs,
+} from "./lib.mjs";
 
 const { values: opt } = parseArgs({
   options: {
@@ -28,137 +37,32 @@ const { values: opt } = parseArgs({
 const N = Number(opt.vms);
 const memoryMib = Number(opt["memory-mib"]);
 const scrapes = Number(opt.scrapes);
-const root = resolve(import.meta.dirname, "../..");
-const MIB = 1024n * 1024n;
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const pct = (xs, p) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(xs.length * p))];
 
-/** Runs a command with arguments (never through a shell). */
-function run(cmd, args, timeoutMs = 60_000) {
-  return new Promise((res, rej) => {
-    const p = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.setEncoding("utf8").on("data", (d) => (stdout += d));
-    p.stderr.setEncoding("utf8").on("data", (d) => (stderr += d));
-    const t = setTimeout(() => p.kill("SIGKILL"), timeoutMs);
-    p.once("error", rej);
-    p.once("close", (code) => {
-      clearTimeout(t);
-      res({ code, stdout, stderr });
-    });
-  });
-}
-
-/** utime+stime of a process, in clock ticks. */
-function cpuTicks(pid) {
-  const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(f[11]) + Number(f[12]);
-}
 /** VmRSS of a process, in bytes. */
 function rss(pid) {
   return Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0) * 1024;
 }
-const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-async function killMatching(pattern) {
-  for (let i = 0; i < 50; i++) {
-    const pids = (await run("pgrep", ["-f", pattern])).stdout
-      .split("\n")
-      .filter(Boolean)
-      .map(Number)
-      .filter((p) => p !== process.pid);
-    if (pids.length === 0) return;
-    for (const p of pids) {
-      try {
-        process.kill(p, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
-    await sleep(100);
-  }
-}
-
-const clkTck = Number((await run("getconf", ["CLK_TCK"])).stdout.trim()) || 100;
-const ticksToMs = (t) => (t * 1000) / clkTck;
 const mib = (b) => `${(b / 1024 / 1024).toFixed(1)} MiB`;
 
-const image = await run(join(root, "scripts/guest-image"), [], 600_000);
-const kernel = /^kernel=(.+)$/m.exec(image.stdout)?.[1];
-const initrd = /^initrd=(.+)$/m.exec(image.stdout)?.[1];
-if (image.code !== 0 || !kernel || !initrd) throw new Error(`scripts/guest-image failed:\n${image.stderr}`);
+const { kernel, initrd } = await guestImage();
 
 const dir = await mkdtemp(join(tmpdir(), "vmenv-bench-diag-"));
-const agentProc = spawn(
-  process.execPath,
-  [
-    join(root, "packages/agent/dist/main.js"),
-    "--state-dir",
-    join(dir, "agent"),
-    "--socket",
-    join(dir, "agent.sock"),
-    "--listen",
-    "off",
-    "--accelerator",
-    "tcg",
-    "--kvm-probe-timeout-ms",
-    "200",
-    "--metrics-listen",
-    "127.0.0.1:0",
-  ],
-  { stdio: ["ignore", "ignore", "pipe"] },
-);
-let agentErr = "";
-let metricsAddress = "";
-const agentExited = new Promise((r) => agentProc.once("exit", (c, s) => r(c ?? s)));
-const agentReady = new Promise((res, rej) => {
-  agentProc.stderr.setEncoding("utf8").on("data", (d) => {
-    agentErr += d;
-    const m = /"msg":"vmenv-agent ready"/.test(agentErr) && /"metricsAddress":"([^"]+)"/.exec(agentErr);
-    if (m) {
-      metricsAddress = m[1];
-      res();
-    }
-    if (agentErr.length > 1e6) agentErr = agentErr.slice(-1e5);
-  });
-  void agentExited.then((c) => rej(new Error(`vmenv-agent exited (${c}): ${agentErr}`)));
-  setTimeout(() => rej(new Error(`vmenv-agent not ready after 30s: ${agentErr}`)), 30_000).unref();
-});
-
-let cleaned;
-function cleanup() {
-  cleaned ??= (async () => {
-    await killMatching(`qemu-system.*${escapeRe(dir)}`);
-    if (agentProc.exitCode === null && agentProc.signalCode === null) agentProc.kill("SIGTERM");
-    const t = setTimeout(() => agentProc.kill("SIGKILL"), 10_000);
-    await agentExited;
-    clearTimeout(t);
-    await killMatching(escapeRe(dir));
-    await rm(dir, { recursive: true, force: true });
-  })();
-  return cleaned;
-}
-for (const sig of ["SIGINT", "SIGTERM"]) {
-  process.once(sig, () => {
-    console.error(`\n${sig}: cleaning up`);
-    void cleanup().finally(() => process.exit(sig === "SIGINT" ? 130 : 143));
-  });
-}
+const agent = startAgent(dir, ["--metrics-listen", "127.0.0.1:0"]);
+const agentProc = agent.proc;
+const cleanup = teardown(dir, agent);
 
 /** `scrapes` scrapes one after another: wall ms each, and the agent's CPU ms per scrape. */
 async function measure(scrape) {
   await scrape(); // warm
   const walls = [];
-  const t0 = cpuTicks(agentProc.pid);
+  const t0 = cpuTicks(agentProc.pid).self;
   for (let i = 0; i < scrapes; i++) {
     const s = performance.now();
     await scrape();
     walls.push(performance.now() - s);
   }
-  const cpuMs = ticksToMs(cpuTicks(agentProc.pid) - t0) / scrapes;
+  const cpuMs = ticksToMs(cpuTicks(agentProc.pid).self - t0) / scrapes;
   return { median: median(walls), p90: pct(walls, 0.9), cpuMs };
 }
 /** The agent's RSS, as the median of 5 readings a second apart (after a GC-friendly pause). */
@@ -172,8 +76,8 @@ async function steadyRss() {
 }
 
 try {
-  await agentReady;
-  const socket = join(dir, "agent.sock");
+  const metricsAddress = /"metricsAddress":"([^"]+)"/.exec(await agent.ready)?.[1];
+  const { socket } = agent;
   const vms = createDaemonClient(VmService, { socket, timeoutMs: 300_000 });
   const diag = createDaemonClient(DiagnosticsService, { socket, timeoutMs: 300_000 });
   await createDaemonClient(HostService, { socket, timeoutMs: 120_000 }).getHostInfo({});
@@ -199,36 +103,9 @@ try {
   const ops = [];
   for (let i = 0; i < N; i++) {
     const id = `b${i}`;
-    ops.push(
-      await vms.createVm({
-        vmId: id,
-        start: opt.running,
-        vm: {
-          spec: {
-            vcpus: 1,
-            memoryBytes: BigInt(memoryMib) * MIB,
-            boot: {
-              method: {
-                case: "directKernel",
-                value: {
-                  kernelPath: kernel,
-                  initrdPath: initrd,
-                  cmdline: `console=ttyS0 quiet vmenv.hostname=${id}`,
-                },
-              },
-            },
-          },
-        },
-      }),
-    );
+    ops.push(await vms.createVm(guestVm({ id, kernel, initrd, memoryMib, start: opt.running })));
   }
-  const finish = async (op) => {
-    let cur = op;
-    while (cur.state === OperationState.RUNNING || cur.state === OperationState.PENDING)
-      cur = await diag.waitOperation({ name: op.name, timeout: durationFromMs(60_000) });
-    if (cur.state !== OperationState.SUCCEEDED)
-      throw new Error(`${cur.kind} ${cur.target}: ${cur.error?.message}`);
-  };
+  const finish = (op) => finished(diag, op);
   await Promise.all(ops.map(finish));
   if (!opt.running) {
     for (let i = 0; i < N; i++) await finish(await vms.startVm({ name: `vms/b${i}`, paused: true }));

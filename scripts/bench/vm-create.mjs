@@ -13,19 +13,28 @@ import { readFileSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import * as net from "node:net";
 import { cpus, tmpdir, totalmem } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import {
-  DiagnosticsService,
-  HostService,
-  OperationState,
-  VmService,
-  WatchEventType,
-} from "@vmenv/api/agent/v1";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { DiagnosticsService, HostService, VmService, WatchEventType } from "@vmenv/api/agent/v1";
 import { createDaemonClient } from "@vmenv/rpc";
 import { findQemu } from "../../packages/agent/dist/host/qemu.js";
 import { qemuArgs } from "../../packages/agent/dist/vmm/qemu/cmdline.js";
+import {
+  clkTck,
+  cpuTicks,
+  escapeRe,
+  finished,
+  guestImage,
+  guestVm,
+  MIB,
+  median,
+  run,
+  sleep,
+  startAgent,
+  teardown,
+  ticksToMs,
+} from "./lib.mjs";
 
 const { values: opt } = parseArgs({
   options: {
@@ -45,35 +54,14 @@ const parallel = opt.parallel
 const memoryMib = Number(opt["memory-mib"]);
 const parallelMemoryMib = Number(opt["parallel-memory-mib"]);
 const warmup = Number(opt.warmup);
-const root = resolve(import.meta.dirname, "../..");
-const MIB = 1024n * 1024n;
 /** The agent's default guest-ready pattern (--guest-ready-pattern). */
 const READY = /VMENV-GUEST-READY/;
 const BOOT_TIMEOUT_MS = 180_000;
 /** For N boots at once on a small machine: generous, but bounded. */
 const parallelTimeoutMs = (n) => Math.min(15 * 60_000, Math.max(BOOT_TIMEOUT_MS, n * 60_000));
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const min = (xs) => Math.min(...xs);
 const max = (xs) => Math.max(...xs);
-
-/** Runs a command with arguments (never through a shell). */
-function run(cmd, args, timeoutMs = 60_000) {
-  return new Promise((res, rej) => {
-    const p = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.setEncoding("utf8").on("data", (d) => (stdout += d));
-    p.stderr.setEncoding("utf8").on("data", (d) => (stderr += d));
-    const t = setTimeout(() => p.kill("SIGKILL"), timeoutMs);
-    p.once("error", rej);
-    p.once("close", (code) => {
-      clearTimeout(t);
-      res({ code, stdout, stderr });
-    });
-  });
-}
 
 /** Whether a process runs (a zombie does not: a daemonized QEMU is init's child). */
 function alive(pid) {
@@ -86,46 +74,7 @@ function alive(pid) {
   }
 }
 
-/** CPU time of a process in clock ticks: its own (utime+stime) and its reaped children's (cutime+cstime). */
-function cpuTicks(pid) {
-  const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
-  // Fields after "pid (comm) ": state is field 3, utime 14, stime 15, cutime 16, cstime 17.
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return { self: Number(f[11]) + Number(f[12]), children: Number(f[13]) + Number(f[14]) };
-}
-
-const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-
-/** SIGKILLs every process whose command line matches `pattern` (pgrep -f), until none is left. */
-async function killMatching(pattern) {
-  for (let i = 0; i < 50; i++) {
-    const r = await run("pgrep", ["-f", pattern]);
-    const pids = r.stdout
-      .split("\n")
-      .filter(Boolean)
-      .map(Number)
-      .filter((p) => p !== process.pid);
-    if (pids.length === 0) return;
-    for (const p of pids) {
-      try {
-        process.kill(p, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
-    await sleep(100);
-  }
-}
-
-const clkTck = Number((await run("getconf", ["CLK_TCK"])).stdout.trim()) || 100;
-const ticksToMs = (t) => (t * 1000) / clkTck;
-
-const image = await run(join(root, "scripts/guest-image"), [], 600_000);
-const kernel = /^kernel=(.+)$/m.exec(image.stdout)?.[1];
-const initrd = /^initrd=(.+)$/m.exec(image.stdout)?.[1];
-if (image.code !== 0 || !kernel || !initrd) {
-  throw new Error(`scripts/guest-image failed (${image.code}):\n${image.stdout}\n${image.stderr}`);
-}
+const { kernel, initrd } = await guestImage();
 const qemu = await findQemu();
 if (!qemu.available || !qemu.path) throw new Error(`QEMU not available: ${qemu.unavailableReason}`);
 
@@ -269,61 +218,15 @@ async function handParallel(n) {
 
 // ---- Through the agent ----
 
-const agentProc = spawn(
-  process.execPath,
-  [
-    join(root, "packages/agent/dist/main.js"),
-    "--state-dir",
-    join(dir, "agent"),
-    "--socket",
-    join(dir, "agent.sock"),
-    "--listen",
-    "off",
-    "--accelerator",
-    "tcg",
-    "--kvm-probe-timeout-ms",
-    "200",
-  ],
-  { stdio: ["ignore", "ignore", "pipe"] },
-);
-let agentErr = "";
-const agentExited = new Promise((r) => agentProc.once("exit", (c, s) => r(c ?? s)));
-const agentReady = new Promise((res, rej) => {
-  agentProc.stderr.setEncoding("utf8").on("data", (d) => {
-    agentErr += d;
-    if (agentErr.includes('"msg":"vmenv-agent ready"')) res();
-    if (agentErr.length > 1e6) agentErr = agentErr.slice(-1e5);
-  });
-  void agentExited.then((c) => rej(new Error(`vmenv-agent exited (${c}): ${agentErr}`)));
-  setTimeout(() => rej(new Error(`vmenv-agent not ready after 30s: ${agentErr}`)), 30_000).unref();
-});
+const daemon = startAgent(dir);
 
 const watchAbort = new AbortController();
-let cleaned;
 /** Kills every QEMU of this run (by hand or the agent's: they outlive the agent), stops the agent. */
-function cleanup() {
-  cleaned ??= (async () => {
-    watchAbort.abort();
-    await killMatching(`qemu-system.*${escapeRe(dir)}`);
-    if (agentProc.exitCode === null && agentProc.signalCode === null) agentProc.kill("SIGTERM");
-    const t = setTimeout(() => agentProc.kill("SIGKILL"), 10_000);
-    await agentExited;
-    clearTimeout(t);
-    await killMatching(escapeRe(dir)); // anything else still naming the run's folder
-    await rm(dir, { recursive: true, force: true });
-  })();
-  return cleaned;
-}
-for (const sig of ["SIGINT", "SIGTERM"]) {
-  process.once(sig, () => {
-    console.error(`\n${sig}: cleaning up`);
-    void cleanup().finally(() => process.exit(sig === "SIGINT" ? 130 : 143));
-  });
-}
+const cleanup = teardown(dir, daemon, async () => watchAbort.abort());
 
 try {
-  await agentReady;
-  const socket = join(dir, "agent.sock");
+  await daemon.ready;
+  const { socket } = daemon;
   const vms = createDaemonClient(VmService, { socket, timeoutMs: 120_000 });
   const diag = createDaemonClient(DiagnosticsService, { socket, timeoutMs: 120_000 });
   const host = createDaemonClient(HostService, { socket, timeoutMs: 120_000 });
@@ -379,32 +282,9 @@ try {
     return { ready, cancel };
   };
 
-  const done = async (op) => {
-    let cur = op;
-    while (cur.state === OperationState.RUNNING || cur.state === OperationState.PENDING) {
-      cur = await diag.waitOperation({ name: op.name, timeout: durationFromMs(60_000) });
-    }
-    if (cur.state !== OperationState.SUCCEEDED)
-      throw new Error(`${cur.kind} ${cur.target}: ${cur.error?.message}`);
-    return cur;
-  };
+  const done = (op) => finished(diag, op);
 
-  const createReq = (id, memMib) => ({
-    vmId: id,
-    start: true,
-    vm: {
-      spec: {
-        vcpus: 1,
-        memoryBytes: BigInt(memMib) * MIB,
-        boot: {
-          method: {
-            case: "directKernel",
-            value: { kernelPath: kernel, initrdPath: initrd, cmdline: cmdlineOf(id) },
-          },
-        },
-      },
-    },
-  });
+  const createReq = (id, memMib) => guestVm({ id, kernel, initrd, memoryMib: memMib });
 
   /** Sends CreateVm; resolves at the ready event (rejects if the create operation fails first). */
   const createToReady = async (id, memMib, timeoutMs) => {
@@ -426,7 +306,7 @@ try {
     await Promise.all(ids.map(async (id) => done(await vms.deleteVm({ name: `vms/${id}`, force: true }))));
   };
 
-  const agentPid = agentProc.pid;
+  const agentPid = daemon.proc.pid;
 
   /** One VM through the agent: CreateVm → ready event, then delete; with the agent's CPU for each part. */
   async function agentSample(id) {

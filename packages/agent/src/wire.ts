@@ -1,4 +1,5 @@
 import { mkdir, readFile } from "node:fs/promises";
+import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import {
   createLogger,
@@ -144,6 +145,38 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
     now,
     gpus,
     capacity: () => capacity.checker(),
+    // Live migration: the incoming VMM listens where the agent does; volumes and networks come from
+    // their services (docs/adr/0015).
+    migration: {
+      listenHost: migrationHost(config.listen?.host),
+      networkExists: (n) =>
+        networks.getNetwork(n.replace(/^networks\//, "")).then(
+          () => true,
+          () => false,
+        ),
+      findVolume: (name) =>
+        blocks.resolve(name).catch((err: unknown) => {
+          if (err instanceof VmenvError && err.reason === "VOLUME_NOT_FOUND") return undefined;
+          throw err;
+        }),
+      createVolume: async (v) => {
+        const op = await blocks.create(v.name.replace(/^volumes\//, ""), {
+          store: v.store.replace(/^stores\//, ""),
+          format: v.format,
+          sizeBytes: v.sizeBytes,
+          backend: v.backend,
+          labels: v.labels,
+          preallocate: false,
+        });
+        const end = await operations.wait(op.id, 600_000);
+        if (end.state !== "succeeded") throw end.error ?? new Error(`creating ${v.name} did not finish`);
+      },
+      deleteVolume: async (name) => {
+        const op = await blocks.delete(name.replace(/^volumes\//, ""), { allowMissing: true, force: true });
+        const end = await operations.wait(op.id, 60_000);
+        if (end.state === "failed") throw end.error ?? new Error(`deleting ${name} failed`);
+      },
+    },
   });
   allVms = () => vms.list();
   gpuUsers = (g) => vms.gpuUsersOf(g);
@@ -231,6 +264,19 @@ export async function startAgent(config: AgentConfig, now: () => number = Date.n
       blocks.detachDaemons();
     },
   };
+}
+
+/**
+ * The address an incoming migration listens on: the agent's TCP host; for a wildcard (or no TCP
+ * listener), the host's first external IPv4 address, else loopback.
+ */
+function migrationHost(listen: string | undefined): string {
+  if (listen && listen !== "0.0.0.0" && listen !== "::" && listen !== "[::]")
+    return listen.replace(/^\[(.*)\]$/, "$1");
+  const external = Object.values(networkInterfaces())
+    .flat()
+    .find((a) => a && a.family === "IPv4" && !a.internal);
+  return external?.address ?? "127.0.0.1";
 }
 
 /** Makes every method of `b` wait for `ready` first. */

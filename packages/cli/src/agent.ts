@@ -1,7 +1,15 @@
 import { randomUUID } from "node:crypto";
 import { toJson } from "@bufbuild/protobuf";
-import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { type Agent, AgentSchema, AgentService, AgentState } from "@vmenv/api/coordinator/v1";
+import { durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
+import {
+  type Agent,
+  AgentSchema,
+  AgentService,
+  AgentState,
+  OperationSchema,
+  OperationService,
+  OperationState,
+} from "@vmenv/api/coordinator/v1";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import type { Command } from "commander";
 import { bytes, duration, keyValues, table } from "./output.js";
@@ -57,6 +65,7 @@ function agentDetail(a: Agent): string {
     ["Name", a.name],
     ["Address", a.address],
     ["State", `${stateName(a.state)}${a.stateMessage ? ` (${a.stateMessage})` : ""}`],
+    ...(a.operation ? ([["Operation", a.operation]] as [string, string][]) : []),
     ["Heartbeat", ago(a, Date.now())],
     ["Host", h ? `${h.hostname}, ${h.cpu?.threads ?? 0} threads, agent ${h.agentVersion}` : "-"],
     ["vCPUs", `${a.allocated?.vcpus ?? 0} allocated of ${cap.vcpus}`],
@@ -149,6 +158,75 @@ export function agentCommands(program: Command, cfg: () => ClientConfig, print: 
           updateMask: { paths: ["labels"] },
           requestId: randomUUID(),
         }),
+      );
+    });
+
+  agent
+    .command("drain <id>")
+    .description("cordon the agent and live-migrate every member on it to other agents")
+    .option("--reason <text>", "why, shown in its state message", "")
+    .option("--timeout <seconds>", "give up after this long (what moved stays moved)")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, o) => {
+      let op = await client().drainAgent({
+        name: name(id),
+        reason: o.reason as string,
+        ...(o.timeout ? { timeout: durationFromMs(Number(o.timeout) * 1000) } : {}),
+        requestId: randomUUID(),
+      });
+      if (o.wait) {
+        const ops = createDaemonClient(OperationService, cfg());
+        while (
+          op.state === OperationState.PENDING ||
+          op.state === OperationState.RUNNING ||
+          op.state === OperationState.ROLLING_BACK
+        )
+          op = await ops.waitOperation(
+            { name: op.name, timeout: durationFromMs(60_000) },
+            { timeoutMs: 70_000 },
+          );
+        if (op.state !== OperationState.SUCCEEDED)
+          throw new Error(
+            `agent.drain ${op.target} ${OperationState[op.state]?.toLowerCase()}: ${op.error?.message ?? ""}`,
+          );
+      }
+      print(
+        toJson(OperationSchema, op, { alwaysEmitImplicit: false }),
+        () => `${op.kind} ${op.target}: ${OperationState[op.state]?.toLowerCase()} (${op.name})`,
+      );
+    });
+
+  agent
+    .command("evacuate <id>")
+    .description(
+      "recreate the members of a DOWN agent on other agents now (reschedule policy RECREATE; NEVER members stay lost)",
+    )
+    .option("--request-id <id>", "for retry-safe replay")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, o) => {
+      let op = await client().evacuateAgent({
+        name: name(id),
+        requestId: (o.requestId as string) ?? randomUUID(),
+      });
+      if (o.wait) {
+        const ops = createDaemonClient(OperationService, cfg());
+        while (
+          op.state === OperationState.PENDING ||
+          op.state === OperationState.RUNNING ||
+          op.state === OperationState.ROLLING_BACK
+        )
+          op = await ops.waitOperation(
+            { name: op.name, timeout: durationFromMs(60_000) },
+            { timeoutMs: 70_000 },
+          );
+        if (op.state !== OperationState.SUCCEEDED)
+          throw new Error(
+            `agent.evacuate ${op.target} ${OperationState[op.state]?.toLowerCase()}: ${op.error?.message ?? ""}`,
+          );
+      }
+      print(
+        toJson(OperationSchema, op, { alwaysEmitImplicit: false }),
+        () => `${op.kind} ${op.target}: ${OperationState[op.state]?.toLowerCase()} (${op.name})`,
       );
     });
 

@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { create, fromJson, type JsonValue, type MessageInitShape, toJson } from "@bufbuild/protobuf";
@@ -286,6 +287,29 @@ export function envCommands(program: Command, cfg: () => ClientConfig, print: Pr
       if (members.length !== 1)
         throw new Error("give exactly one member: -f <file.json> or one --member id:role");
       const op = await client().addMember({ name: nameOf(id), member: members[0] });
+      await finish(op, o.wait as boolean);
+    });
+
+  env
+    .command("migrate <id>")
+    .description("live-migrate running members to another agent (the members keep running)")
+    .option("--member <id...>", "only these members (default: all)")
+    .option("--to <agent>", "destination agent (default: the best other agent by placement, per member)")
+    .option("--downtime-ms <ms>", "longest pause at switchover (default 300)")
+    .option("--bandwidth <size>", "most bytes per second the migration may use, e.g. 100M")
+    .option("--no-wait", "return the operation at once")
+    .action(async (id: string, o) => {
+      const to = o.to as string | undefined;
+      const op = await client().migrateEnvironment({
+        name: nameOf(id),
+        memberIds: (o.member as string[] | undefined) ?? [],
+        agent: to ? (to.startsWith("agents/") ? to : `agents/${to}`) : "",
+        settings: {
+          ...(o.downtimeMs ? { downtimeLimit: durationFromMs(Number(o.downtimeMs)) } : {}),
+          ...(o.bandwidth ? { maxBandwidthBytesPerSecond: parseSize(o.bandwidth as string) } : {}),
+        },
+        requestId: randomUUID(),
+      });
       await finish(op, o.wait as boolean);
     });
 

@@ -1,18 +1,27 @@
 import { mkdir } from "node:fs/promises";
+import { toJson } from "@bufbuild/protobuf";
+import { MigrationSettingsSchema } from "@vmenv/api/agent/v1";
 import { createLogger, type Logger, type RpcServer, serve } from "@vmenv/rpc";
 import type { CoordinatorConfig } from "./config.js";
 import { Collector } from "./env/collector.js";
 import { packEnvironmentResult } from "./env/convert.js";
 import { MemberEvents } from "./env/events.js";
+import { migrateKind, packMigrationProgress } from "./env/migrate.js";
 import { environmentKinds } from "./env/ops.js";
+import { Rescheduler, rescheduleKind } from "./env/reschedule.js";
 import { environmentService } from "./env/rpc.js";
+import { DRAIN_KIND, type DrainInput, drainKind } from "./fleet/drain.js";
+import { evacuateKind, startEvacuation } from "./fleet/evacuate.js";
+import { Fencer } from "./fleet/fencing.js";
 import { Fleet } from "./fleet/fleet.js";
 import { agentService } from "./fleet/rpc.js";
 import { toPbOperation } from "./ops/convert.js";
 import { OperationEngine } from "./ops/engine.js";
 import { operationService } from "./ops/rpc.js";
+import type { OpRecord } from "./ops/types.js";
 import { systemClock } from "./ports.js";
 import { openLevelStore } from "./store/level.js";
+import type { JsonValue } from "./store/store.js";
 import { resourceService } from "./tree/rpc.js";
 import { ResourceTree } from "./tree/tree.js";
 import { COORDINATOR_VERSION } from "./version.js";
@@ -34,8 +43,12 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
   // --- resource tree (tree/) ---
   const tree = new ResourceTree(store, clock);
   const resourceSvc = resourceService(tree);
-  // --- fleet and placement (fleet/, placement/) ---
+  // --- fleet and placement (fleet/, placement/); a returning agent is fenced first (fleet/fencing.ts) ---
+  const fencer = new Fencer({ store, clock, logger: logger.child({ component: "fencing" }) });
   const fleet = new Fleet({
+    fence: async (id, clients) => {
+      await fencer.fence(id, clients);
+    },
     store,
     clock,
     logger: logger.child({ component: "fleet" }),
@@ -43,7 +56,24 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     heartbeatTimeoutMs: config.heartbeatTimeoutMs,
   });
   await fleet.start();
-  const agentSvc = agentService(fleet);
+  const agentSvc = agentService(fleet, {
+    // DrainAgent starts an "agent.drain" operation (fleet/drain.ts) on the engine built below.
+    drain: async (agent, req) => {
+      const input: DrainInput = {
+        agent,
+        reason: req.reason,
+        settings: req.settings ? (toJson(MigrationSettingsSchema, req.settings) as JsonValue) : null,
+        timeoutMs: req.timeoutMs,
+      };
+      const op = await engine.start(DRAIN_KIND, `agents/${agent}`, input, {
+        ...(req.requestId ? { requestId: req.requestId } : {}),
+      });
+      return toPbOperation(op, packOp, engine.mayCancel(op));
+    },
+    // EvacuateAgent starts an "agent.evacuate" operation (fleet/evacuate.ts).
+    evacuate: async (agent, requestId) =>
+      toPbOperation(await startEvacuation({ store, fleet, engine }, agent, requestId), packOp, false),
+  });
   // --- operations engine (ops/) ---
   // VMENV_COORDINATOR_CRASH_POINT=N (hidden, for crash tests): SIGKILL at the N-th crash point.
   const crashPoint = Number(process.env.VMENV_COORDINATOR_CRASH_POINT ?? 0);
@@ -53,9 +83,10 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     logger: logger.child({ component: "operations" }),
     ...(Number.isInteger(crashPoint) && crashPoint > 0 ? { crashPoint } : {}),
   });
-  const packOp = (op: Parameters<typeof packEnvironmentResult>[0]) => {
+  const packOp = (op: OpRecord) => {
     const result = packEnvironmentResult(op);
-    return result ? { result } : {};
+    const metadata = packMigrationProgress(op);
+    return { ...(result ? { result } : {}), ...(metadata ? { metadata } : {}) };
   };
   const operationSvc = operationService(engine, packOp);
   // --- environments (env/) ---
@@ -68,6 +99,16 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     reservationTtlMs: config.reservationTtlMs,
   };
   for (const kind of environmentKinds(envDeps)) engine.register(kind);
+  engine.register(migrateKind(envDeps));
+  engine.register(drainKind({ store, fleet, engine }));
+  // --- failure handling: reschedule (env/reschedule.ts), evacuation (fleet/evacuate.ts) ---
+  engine.register(rescheduleKind(envDeps));
+  engine.register(evacuateKind({ store, fleet }));
+  const rescheduler = new Rescheduler({
+    ...envDeps,
+    engine,
+    logger: logger.child({ component: "reschedule" }),
+  });
   const environmentSvc = environmentService({
     ...envDeps,
     engine,
@@ -81,6 +122,7 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
   try {
     await engine.resumeAll();
     collector.start(config.collectorIntervalMs);
+    rescheduler.start(Math.min(1000, config.heartbeatIntervalMs));
     await memberEvents
       .coordinatorStart()
       .catch((err: unknown) => logger.warn({ err }, "coordinatorStart hooks failed"));
@@ -91,6 +133,7 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
       ...(config.listen ? { tcp: config.listen } : {}),
     });
   } catch (err) {
+    await rescheduler.stop();
     await collector.stop();
     await engine.stop();
     await fleet.stop();
@@ -110,6 +153,7 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     logger,
     server,
     stop: async () => {
+      await rescheduler.stop();
       await collector.stop();
       await engine.stop();
       await server.close(config.shutdownGraceMs);

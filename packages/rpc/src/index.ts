@@ -6,6 +6,7 @@ export {
   isRetrySafe,
   type RetryPolicy,
   retryInterceptor,
+  sleep,
   type TlsClientConfig,
 } from "./client.js";
 export { EchoService, echoService } from "./echo.js";
@@ -36,3 +37,4 @@ export {
   serve,
   unimplementedService,
 } from "./server.js";
+export { boundedWatch, type WatchStart } from "./watch.js";

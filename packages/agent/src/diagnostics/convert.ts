@@ -63,6 +63,7 @@ export function toPbOperation(op: OperationRecord, packResult: (r: unknown) => A
     endTime: op.endTimeMs === undefined ? undefined : timestampFromMs(op.endTimeMs),
     error: op.error ? toStatus(op.error) : undefined,
     result: op.result === undefined ? undefined : packResult(op.result),
+    metadata: op.metadata === undefined ? undefined : packResult(op.metadata),
     requestId: op.requestId ?? "",
   });
 }

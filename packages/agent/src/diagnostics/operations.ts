@@ -20,6 +20,8 @@ export interface OperationRecord<R = unknown> {
   error: VmenvError | Error | undefined;
   result: R | undefined;
   requestId: string | undefined;
+  /** What the action reports while it runs (e.g. a migration's progress), packed like `result`. */
+  metadata?: unknown;
 }
 
 /** What a running action may tell about itself. */
@@ -27,6 +29,8 @@ export interface OperationHandle {
   readonly id: string;
   readonly signal: AbortSignal;
   progress(percent: number, stage: string): void;
+  /** Replaces the operation's metadata (reported on the next change). */
+  metadata(m: unknown): void;
 }
 
 /** A change WatchOperations reports: the operation as it was right after it. */
@@ -106,6 +110,9 @@ export class Operations extends EventEmitter<{ changed: [OperationRecord]; chang
         op.percent = percent;
         op.stage = stage;
         this.#changed(op as OperationRecord, "updated");
+      },
+      metadata: (m) => {
+        op.metadata = m;
       },
     };
     // Log lines written while it runs name the operation and its target.

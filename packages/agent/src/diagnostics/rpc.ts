@@ -1,6 +1,6 @@
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { DiagnosticsService, type Operation, WatchEventType } from "@vmenv/api/agent/v1";
-import { bind, invalidArgument, type ServiceBinding, unimplemented, VmenvError } from "@vmenv/rpc";
+import { bind, invalidArgument, type ServiceBinding, sleep, unimplemented, VmenvError } from "@vmenv/rpc";
 import { vmIdFromName } from "../vmm/domain.js";
 import {
   fromPbLogLevel,
@@ -14,7 +14,7 @@ import type { ErrorLog } from "./errors.js";
 import { type LogFilter, type LogRecord, type LogRing, matchesLog } from "./logs.js";
 import type { OperationChange, OperationRecord, OperationState, Operations } from "./operations.js";
 import type { StatsSampler } from "./stats.js";
-import { WATCH_QUEUE, watchChanges } from "./watch.js";
+import { changeSourceOf, WATCH_QUEUE, watchChanges } from "./watch.js";
 
 type Pack = Parameters<typeof toPbOperation>[1];
 
@@ -115,29 +115,19 @@ export function diagnosticsService(d: DiagnosticsDeps): ServiceBinding {
         updated: WatchEventType.UPDATED,
         deleted: WatchEventType.DELETED,
       } as const;
-      yield* watchChanges<OperationChange, ReturnType<typeof event>>(
-        {
-          subscribe: (fn) => {
-            ops.on("change", fn);
-            return () => ops.off("change", fn);
-          },
-          history: () => ops.history,
-          seq: () => ops.seq,
+      yield* watchChanges<OperationChange, ReturnType<typeof event>>(changeSourceOf(ops), {
+        resumeToken: req.resumeToken,
+        signal: ctx.signal,
+        snapshot: function* (seq) {
+          const now = Date.now();
+          // With no states asked for, the snapshot holds the unfinished operations only.
+          for (const o of ops.list())
+            if (matches(o) && (states.size > 0 || o.endTimeMs === undefined))
+              yield event(WatchEventType.INITIAL, o, seq, now);
+          yield event(WatchEventType.SYNCED, undefined, seq, now);
         },
-        {
-          resumeToken: req.resumeToken,
-          signal: ctx.signal,
-          snapshot: function* (seq) {
-            const now = Date.now();
-            // With no states asked for, the snapshot holds the unfinished operations only.
-            for (const o of ops.list())
-              if (matches(o) && (states.size > 0 || o.endTimeMs === undefined))
-                yield event(WatchEventType.INITIAL, o, seq, now);
-            yield event(WatchEventType.SYNCED, undefined, seq, now);
-          },
-          toEvent: (c) => (matches(c.op) ? event(types[c.type], c.op, c.seq, c.timeMs) : undefined),
-        },
-      );
+        toEvent: (c) => (matches(c.op) ? event(types[c.type], c.op, c.seq, c.timeMs) : undefined),
+      });
     },
     getStatistics: d.stats
       ? async (req) => {
@@ -229,17 +219,5 @@ export function diagnosticsService(d: DiagnosticsDeps): ServiceBinding {
           }
         }
       : missing("StreamLogs"),
-  });
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const t = setTimeout(done, ms);
-    function done() {
-      clearTimeout(t);
-      signal.removeEventListener("abort", done);
-      resolve();
-    }
-    signal.addEventListener("abort", done, { once: true });
   });
 }

@@ -1,4 +1,4 @@
-import { VmenvError } from "@vmenv/rpc/errors";
+import { boundedWatch, VmenvError } from "@vmenv/rpc";
 
 /** A source of numbered changes that keeps its recent ones (for resume tokens). */
 export interface ChangeSource<C extends { seq: number }> {
@@ -7,6 +7,23 @@ export interface ChangeSource<C extends { seq: number }> {
   history(): readonly C[];
   /** The latest change's seq. */
   seq(): number;
+}
+
+/** The ChangeSource of an emitter of numbered "change" events that keeps its recent ones (Operations, VmManager). */
+export function changeSourceOf<C extends { seq: number }>(e: {
+  on(event: "change", fn: (c: C) => void): unknown;
+  off(event: "change", fn: (c: C) => void): unknown;
+  readonly history: readonly C[];
+  readonly seq: number;
+}): ChangeSource<C> {
+  return {
+    subscribe: (fn) => {
+      e.on("change", fn);
+      return () => e.off("change", fn);
+    },
+    history: () => e.history,
+    seq: () => e.seq,
+  };
 }
 
 /** How many changes a watcher may fall behind before it is cut off. */
@@ -19,7 +36,7 @@ export const WATCH_QUEUE = 256;
  * the agent's memory growing; an unknown or expired token is OUT_OF_RANGE (RESUME_TOKEN_EXPIRED).
  * `toEvent` turns a change into what is sent (undefined: filtered out).
  */
-export async function* watchChanges<C extends { seq: number }, E>(
+export function watchChanges<C extends { seq: number }, E>(
   src: ChangeSource<C>,
   opts: {
     resumeToken: string;
@@ -29,20 +46,12 @@ export async function* watchChanges<C extends { seq: number }, E>(
     queueLimit?: number;
   },
 ): AsyncGenerator<E> {
-  const limit = opts.queueLimit ?? WATCH_QUEUE;
-  // Subscribe first, so that nothing between the snapshot and the first change is lost.
-  const queue: C[] = [];
-  let wake: (() => void) | undefined;
-  let overflow = false;
-  const unsubscribe = src.subscribe((c) => {
-    if (queue.length >= limit) overflow = true;
-    else queue.push(c);
-    wake?.();
-  });
-  const aborted = new Promise<void>((r) => opts.signal.addEventListener("abort", () => r(), { once: true }));
-  try {
-    let last = src.seq();
-    if (opts.resumeToken) {
+  return boundedWatch<C, E>({
+    subscribe: (push) => src.subscribe(push),
+    signal: opts.signal,
+    queueLimit: opts.queueLimit ?? WATCH_QUEUE,
+    start: () => {
+      if (!opts.resumeToken) return { after: src.seq() };
       const from = Number(opts.resumeToken);
       const oldest = src.history()[0]?.seq ?? src.seq() + 1;
       if (
@@ -55,33 +64,9 @@ export async function* watchChanges<C extends { seq: number }, E>(
           reason: "RESUME_TOKEN_EXPIRED",
         });
       }
-      queue.unshift(...src.history().filter((c) => c.seq > from && !queue.includes(c)));
-      last = from;
-    } else {
-      yield* opts.snapshot(last);
-    }
-    for (;;) {
-      if (overflow) {
-        throw new VmenvError(
-          "resource-exhausted",
-          "watcher fell too far behind and was cut off; watch again",
-          {
-            reason: "WATCH_CLIENT_TOO_SLOW",
-          },
-        );
-      }
-      const c = queue.shift();
-      if (!c) {
-        if (opts.signal.aborted) return;
-        await Promise.race([new Promise<void>((r) => (wake = r)), aborted]);
-        continue;
-      }
-      if (c.seq <= last) continue;
-      last = c.seq;
-      const e = opts.toEvent(c);
-      if (e !== undefined) yield e;
-    }
-  } finally {
-    unsubscribe();
-  }
+      return { after: from, missed: src.history().filter((c) => c.seq > from) };
+    },
+    ...(opts.resumeToken ? {} : { head: opts.snapshot }),
+    toEvent: opts.toEvent,
+  });
 }

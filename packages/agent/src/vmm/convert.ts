@@ -36,6 +36,7 @@ const states: Record<VmState, VmStatePb> = {
   paused: VmStatePb.PAUSED,
   stopping: VmStatePb.STOPPING,
   crashed: VmStatePb.CRASHED,
+  migrating: VmStatePb.MIGRATING,
   deleting: VmStatePb.DELETING,
 };
 

@@ -15,6 +15,7 @@ export type VmState =
   | "paused"
   | "stopping"
   | "crashed"
+  | "migrating"
   | "deleting";
 
 export type VmBoot =
@@ -54,6 +55,27 @@ export interface VmRecord {
   generation: number;
   /** Disks (later NICs and GPUs), joined or bound (seed 002). */
   devices: DeviceState[];
+  /** Set while the VM takes part in a live migration (state migrating; docs/adr/0015). */
+  migration?: MigrationMark;
+}
+
+/** A VM's part in a live migration, kept in its record so that an agent restart knows it too. */
+export interface MigrationMark {
+  role: "source" | "destination";
+  /**
+   * Source: the destination holds the complete state (the VM is paused here until DeleteVm confirms or
+   * ResumeVm rolls back). Destination: unused (FinishVmMigration ends the mark).
+   */
+  completed: boolean;
+  /** Source: whether the guest ran when the migration started (a rollback resumes it). */
+  wasRunning: boolean;
+  /** Destination: where the source sends (PrepareVmMigration's answer, for a repeated call). */
+  migrationUri?: string;
+  storageUri?: string;
+  /** Destination: volumes PrepareVmMigration created; deleted with the VM when it never finished. */
+  createdVolumes?: string[];
+  /** Destination: when the source's guest was ready (the guest does not boot again here). */
+  guestReadyTimeMs?: number;
 }
 
 export const MIB = 1024n * 1024n;

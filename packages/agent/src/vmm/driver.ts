@@ -1,6 +1,7 @@
 import type { EventEmitter } from "node:events";
 import type { VolumeExport } from "../block/ports.js";
 import type { Accelerator, VmmKind, VmSpec } from "./domain.js";
+import type { VmmMigration } from "./migration-domain.js";
 
 /** Where one VM's files live: everything the agent needs to find its VMM again after a restart. */
 export interface VmPaths {
@@ -71,7 +72,8 @@ export interface LaunchRequest {
   gpus?: AttachedGpu[];
   /**
    * Start from saved state instead of booting: the VMM listens on this Unix socket for the state
-   * (`RunningVmm.saveState`'s output), which the agent then streams in.
+   * (`RunningVmm.saveState`'s output), which the agent then streams in. "defer": wait for a live
+   * migration (`RunningVmm.migration().listen`).
    */
   incoming?: string;
 }
@@ -123,6 +125,8 @@ export interface RunningVmm extends EventEmitter<{ exit: [ExitCause]; reset: [];
   detachGpu?(id: string, timeoutMs: number): Promise<void>;
   /** What the VMM tells about the VM's use of resources, for statistics (diagnostics). */
   counters(): Promise<VmmCounters>;
+  /** Live migration of this VMM (docs/adr/0015). Absent: the VMM cannot migrate. */
+  migration?(): VmmMigration;
 }
 
 /** I/O counters of one disk, cumulative since the VMM started. */

@@ -49,6 +49,7 @@ import {
   type RunningVmm,
   type VmmDriver,
 } from "./driver.js";
+import { type MigrationDeps, VmMigrations } from "./migration.js";
 import {
   loadSnapshots,
   receiveInto,
@@ -87,6 +88,8 @@ export interface VmManagerDeps {
    * a VM with this spec does not fit beside the others (called right before the VM is recorded).
    */
   capacity?: () => Promise<(id: string, spec: VmSpec) => void>;
+  /** Live migration's needs of the other services (docs/adr/0015); unset: migration is refused. */
+  migration?: MigrationDeps;
 }
 
 /** The outcome of one element of a device change set. */
@@ -126,11 +129,37 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   #seq = 0;
   /** Recent changes, for Watch resume tokens. */
   readonly history: VmChange[] = [];
+  /** Live migration in and out of this agent (migration.ts). */
+  readonly migrations: VmMigrations;
 
   constructor(private readonly d: VmManagerDeps) {
     super();
     this.setMaxListeners(0);
     this.#now = d.now ?? Date.now;
+    this.migrations = new VmMigrations(
+      {
+        operations: d.operations,
+        logger: d.logger,
+        has: (id) => this.#vms.has(id),
+        record: (id) => this.get(id),
+        vmm: (id) => this.#vms.get(id)?.vmm,
+        admit: async (id, spec) => {
+          validateSpec(spec, await this.d.hostLimits());
+          await this.#driver(spec.vmm);
+          await this.#checkFiles(spec);
+          const fits = await this.d.capacity?.();
+          fits?.(id, spec);
+        },
+        newVm: (kind, id, spec, opts, build) => this.#newVm(kind, id, spec, opts, (_e, op) => build(op)),
+        locked: (id, fn) => this.#locked(this.#entry(id), fn),
+        set: (id, patch) => this.#set(this.#entry(id), patch),
+        launchIncoming: async (id, signal) => {
+          const e = this.#entry(id);
+          await this.#launch(e, await this.#driver(e.record.spec.vmm), true, undefined, signal, true);
+        },
+      },
+      d.migration,
+    );
   }
 
   get seq(): number {
@@ -257,7 +286,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       requestId?: string;
       devices?: DeviceState[];
     },
-    build: (e: Entry, op: OperationHandle) => Promise<void>,
+    build: (e: Entry, op: OperationHandle) => Promise<unknown>,
   ): Promise<OperationRecord> {
     const t = this.#now();
     const record: VmRecord = {
@@ -293,10 +322,10 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       (op) =>
         this.#locked(entry, async () => {
           try {
-            await build(entry, op);
+            const result = await build(entry, op);
             // Cancelled while it was being built: undone below, like a failure.
             op.signal.throwIfAborted();
-            return entry.record;
+            return result ?? entry.record;
           } catch (err) {
             entry.stopping = true;
             await entry.vmm?.kill().catch(() => undefined);
@@ -358,6 +387,10 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
   async resume(id: string): Promise<VmRecord> {
     const e = this.#entry(id);
     return this.#locked(e, async () => {
+      // A migrated source that was not confirmed: ResumeVm is the rollback (docs/adr/0015).
+      const m = e.record.migration;
+      if (e.record.state === "migrating" && m?.role === "source" && m.completed)
+        return this.migrations.rollBackSource(id);
       if (checkTransition(id, e.record.state, "resume") === "act") {
         await e.vmm?.resume();
         await this.#set(e, { state: "running" });
@@ -378,7 +411,14 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         return this.d.operations.done("vm.delete", `vms/${id}`, undefined, opts.requestId);
       throw notFound("vm", `vms/${id}`);
     }
-    if (!opts.force && (e.vmm || ["running", "paused", "starting", "stopping"].includes(e.record.state))) {
+    // Deleting a migrated source confirms the migration; deleting a prepared destination aborts it.
+    const m = e.record.migration;
+    const migrated = e.record.state === "migrating" && !(m?.role === "source" && !m.completed);
+    if (
+      !opts.force &&
+      !migrated &&
+      (e.vmm || ["running", "paused", "starting", "stopping", "migrating"].includes(e.record.state))
+    ) {
       throw failedPrecondition(
         `vms/${id} is ${e.record.state}: stop it first, or delete with force`,
         "VM_RUNNING",
@@ -400,6 +440,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
           this.#vms.delete(id);
           await this.d.store.remove(id);
           this.#emit("deleted", e.record);
+          await this.migrations.dropReceived(e.record);
           return undefined;
         }),
       opts.requestId ? { requestId: opts.requestId } : {},
@@ -678,7 +719,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
    */
   activeUsersOf(volumeName: string): string[] {
     return this.list()
-      .filter((vm) => ["starting", "running", "paused", "stopping"].includes(vm.state))
+      .filter((vm) => ["starting", "running", "paused", "stopping", "migrating"].includes(vm.state))
       .filter((vm) =>
         vm.devices.some((d) => d.bound && d.device.kind === "disk" && d.device.volume === volumeName),
       )
@@ -935,23 +976,30 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         this.#attach(entry, vmm);
         const status = await vmm.status();
         await this.#set(entry, {
-          state: status,
+          // A VM in a live migration stays so: the coordinator confirms or rolls it back.
+          state: record.state === "migrating" ? "migrating" : status,
           pid: vmm.pid,
           stateMessage: "re-adopted after agent restart",
         });
         this.d.logger.info({ vm: `vms/${id}`, pid: vmm.pid }, "re-adopted VM");
+        await this.migrations
+          .settleAfterRestart(id)
+          .catch((err: unknown) =>
+            this.d.logger.error({ err, vm: `vms/${id}` }, "settling a migration failed"),
+          );
       } else if (record.state === "creating") {
         await this.d.store.remove(id);
         this.#vms.delete(id);
         this.d.logger.info({ vm: `vms/${id}` }, "removed a VM whose create was cut short");
-      } else if (["running", "paused", "starting", "stopping"].includes(record.state)) {
+      } else if (["running", "paused", "starting", "stopping", "migrating"].includes(record.state)) {
         const crashed = record.state !== "stopping";
         await this.#set(entry, {
           state: crashed ? "crashed" : "stopped",
           pid: undefined,
           stateMessage: crashed ? "its VMM was gone when the agent started" : "",
         });
-        if (crashed) this.#maybeRestart(entry, "unknown");
+        // A VM caught in a migration is not restarted: the other side may hold it.
+        if (crashed && record.state !== "migrating") this.#maybeRestart(entry, "unknown");
       }
     }
   }
@@ -1041,12 +1089,14 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
     paused: boolean,
     from?: SnapshotRecord,
     signal?: AbortSignal,
+    /** Wait for a live migration (`-incoming defer`); the VM is then MIGRATING. */
+    migrateIn = false,
   ): Promise<void> {
     const accelerator = e.record.spec.accelerator ?? (await this.d.effectiveAccelerator());
     await this.#set(e, { state: "starting", stateMessage: "", guestReadyTimeMs: undefined });
     try {
       const paths = this.d.store.paths(e.record.id);
-      const incoming = from ? join(paths.dir, "incoming.sock") : undefined;
+      const incoming = migrateIn ? "defer" : from ? join(paths.dir, "incoming.sock") : undefined;
       const logOffset = await stat(paths.serialLog).then(
         (st) => st.size,
         () => 0,
@@ -1083,7 +1133,7 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
         if (!paused) await vmm.resume();
       }
       await this.#set(e, {
-        state: paused ? "paused" : "running",
+        state: migrateIn ? "migrating" : paused ? "paused" : "running",
         pid: vmm.pid,
         accelerator,
         startTimeMs: this.#now(),
@@ -1126,11 +1176,17 @@ export class VmManager extends EventEmitter<{ change: [VmChange] }> {
       this.#release(e);
       if (e.stopping || this.#vms.get(e.record.id) !== e) return;
       const crashed = cause !== "guest-shutdown";
+      // A VM caught in a migration is not restarted: the other side may hold it.
+      const migrating = e.record.state === "migrating";
       void this.#set(e, {
         state: crashed ? "crashed" : "stopped",
         pid: undefined,
+        // A prepared destination keeps its mark: DeleteVm then removes the volumes it received.
+        migration: e.record.migration?.role === "destination" ? e.record.migration : undefined,
         stateMessage: crashed ? "the VMM process ended without being asked to" : "the guest powered off",
-      }).then(() => this.#maybeRestart(e, cause));
+      }).then(() => {
+        if (!migrating) this.#maybeRestart(e, cause);
+      });
     });
   }
 

@@ -1,22 +1,18 @@
-import { fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { anyPack, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   DeviceChangeOutcome,
+  VmMigrationProgressSchema,
+  VmMigrationTargetSchema,
   VmSchema,
   VmService,
   VmSnapshotSchema,
   WatchEventType,
 } from "@vmenv/api/agent/v1";
-import {
-  bind,
-  failedPrecondition,
-  invalidArgument,
-  type ServiceBinding,
-  unimplemented,
-  VmenvError,
-} from "@vmenv/rpc";
+import { bind, failedPrecondition, invalidArgument, type ServiceBinding, unimplemented } from "@vmenv/rpc";
 import { toPbOperation, toStatus } from "../diagnostics/convert.js";
+import { changeSourceOf, watchChanges } from "../diagnostics/watch.js";
 import { noFilter, page } from "../paging.js";
 import { readConsole } from "./console.js";
 import {
@@ -34,12 +30,31 @@ import {
 import { type Change, checkDeviceId } from "./devices.js";
 import { checkVmId, type VmRecord, vmIdFromName } from "./domain.js";
 import type { VmChange, VmManager } from "./manager.js";
+import {
+  fromPbSourceVolumes,
+  migrationSettings,
+  toPbMigrationProgress,
+  withSlots,
+} from "./migration-convert.js";
 import type { SnapshotRecord } from "./snapshots.js";
 
 /** Packs an operation's result for the API: a VM record becomes a Vm. */
 export function packResult(r: unknown) {
   if (r === null || typeof r !== "object") return undefined;
   if ("includesMemory" in r) return anyPack(VmSnapshotSchema, toPbSnapshot(r as SnapshotRecord));
+  if ("migrationUri" in r && "storageUri" in r)
+    return anyPack(
+      VmMigrationTargetSchema,
+      create(VmMigrationTargetSchema, r as { vm: string; migrationUri: string; storageUri: string }),
+    );
+  if ("memoryTransferredBytes" in r && "phase" in r)
+    return anyPack(
+      VmMigrationProgressSchema,
+      create(
+        VmMigrationProgressSchema,
+        toPbMigrationProgress(r as Parameters<typeof toPbMigrationProgress>[0]),
+      ),
+    );
   if ("spec" in r && "id" in r) return anyPack(VmSchema, toPbVm(r as VmRecord));
   return undefined;
 }
@@ -52,9 +67,6 @@ const WATCH_QUEUE = 256;
 
 /** VmService: check, convert, call the manager, convert back. */
 export function vmService(m: VmManager): ServiceBinding {
-  const later = (method: string) => () => {
-    throw unimplemented(`vmenv.agent.v1.VmService/${method}`, "arrives with a later increment of issue #3");
-  };
   const op = (o: Parameters<typeof toPbOperation>[0]) => toPbOperation(o, packResult);
   const matches = (vm: VmRecord, states: Set<string>, labels: Record<string, string>) =>
     (states.size === 0 || states.has(vm.state)) &&
@@ -133,75 +145,31 @@ export function vmService(m: VmManager): ServiceBinding {
       if (req.filter)
         throw invalidArgument("filter", "filter expressions are not supported yet; use states and labels");
       const states = stateSet(req.states);
-      // Subscribe first, so that nothing between the snapshot and the first change is lost.
-      const queue: VmChange[] = [];
-      let wake: (() => void) | undefined;
-      let overflow = false;
-      const onChange = (c: VmChange) => {
-        if (queue.length >= WATCH_QUEUE) overflow = true;
-        else queue.push(c);
-        wake?.();
-      };
-      m.on("change", onChange);
-      const aborted = new Promise<void>((r) =>
-        ctx.signal.addEventListener("abort", () => r(), { once: true }),
-      );
-      try {
-        const event = (type: WatchEventType, vm: VmRecord | undefined, seq: number, timeMs: number) => ({
-          type,
-          ...(vm ? { vm: toPbVm(vm) } : {}),
-          resumeToken: String(seq),
-          eventTime: timestampFromMs(timeMs),
-        });
-        let last = m.seq;
-        if (req.resumeToken) {
-          const from = Number(req.resumeToken);
-          const oldest = m.history[0]?.seq ?? m.seq + 1;
-          if (!Number.isInteger(from) || from > m.seq || (from < oldest - 1 && from !== m.seq)) {
-            throw new VmenvError(
-              "out-of-range",
-              "resume token is unknown or too old; watch again without one",
-              {
-                reason: "RESUME_TOKEN_EXPIRED",
-              },
-            );
-          }
-          queue.unshift(...m.history.filter((c) => c.seq > from && !queue.includes(c)));
-          last = from;
-        } else {
+      const event = (type: WatchEventType, vm: VmRecord | undefined, seq: number, timeMs: number) => ({
+        type,
+        ...(vm ? { vm: toPbVm(vm) } : {}),
+        resumeToken: String(seq),
+        eventTime: timestampFromMs(timeMs),
+      });
+      const types = {
+        created: WatchEventType.CREATED,
+        updated: WatchEventType.UPDATED,
+        deleted: WatchEventType.DELETED,
+      } as const;
+      yield* watchChanges<VmChange, ReturnType<typeof event>>(changeSourceOf(m), {
+        resumeToken: req.resumeToken,
+        signal: ctx.signal,
+        queueLimit: WATCH_QUEUE,
+        snapshot: function* (seq) {
           for (const vm of m.list())
-            if (matches(vm, states, req.labels)) yield event(WatchEventType.INITIAL, vm, last, Date.now());
-          yield event(WatchEventType.SYNCED, undefined, last, Date.now());
-        }
-        for (;;) {
-          if (overflow) {
-            throw new VmenvError(
-              "resource-exhausted",
-              "watcher fell too far behind and was cut off; watch again",
-              {
-                reason: "WATCH_CLIENT_TOO_SLOW",
-              },
-            );
-          }
-          const c = queue.shift();
-          if (!c) {
-            if (ctx.signal.aborted) return;
-            await Promise.race([new Promise<void>((r) => (wake = r)), aborted]);
-            continue;
-          }
-          if (c.seq <= last) continue;
-          last = c.seq;
-          if (c.type !== "deleted" && !matches(c.vm, states, req.labels)) continue;
-          const type = {
-            created: WatchEventType.CREATED,
-            updated: WatchEventType.UPDATED,
-            deleted: WatchEventType.DELETED,
-          }[c.type];
-          yield event(type, c.vm, c.seq, c.timeMs);
-        }
-      } finally {
-        m.off("change", onChange);
-      }
+            if (matches(vm, states, req.labels)) yield event(WatchEventType.INITIAL, vm, seq, Date.now());
+          yield event(WatchEventType.SYNCED, undefined, seq, Date.now());
+        },
+        toEvent: (c) =>
+          c.type !== "deleted" && !matches(c.vm, states, req.labels)
+            ? undefined
+            : event(types[c.type], c.vm, c.seq, c.timeMs),
+      });
     },
     async *streamConsole(req, ctx) {
       const id = vmIdFromName(req.name);
@@ -369,8 +337,45 @@ export function vmService(m: VmManager): ServiceBinding {
         vm: toPbVm(vm),
       };
     },
-    prepareVmMigration: later("PrepareVmMigration"),
-    migrateVm: later("MigrateVm"),
-    finishVmMigration: later("FinishVmMigration"),
+    async prepareVmMigration(req) {
+      checkVmId(req.vmId);
+      if (!req.vm) throw invalidArgument("vm", "is required");
+      if (req.vm.name && req.vm.name !== `vms/${req.vmId}`)
+        throw invalidArgument("vm.name", `is ${req.vm.name.slice(0, 80)}, not vms/${req.vmId}`);
+      const spec = fromPbSpec(req.vm.spec);
+      const devices = withSlots(devicesFromPbSpec(req.vm.spec), req.vm.devices);
+      const ready = req.vm.guestReadyTime;
+      return op(
+        await m.migrations.prepare({
+          id: req.vmId,
+          spec,
+          devices,
+          labels: { ...req.vm.labels },
+          restartPolicy: fromPbRestartPolicy(req.vm.restartPolicy),
+          guestReadyTimeMs: ready ? Number(ready.seconds) * 1000 + ready.nanos / 1e6 : undefined,
+          listenAddress: req.listenAddress,
+          receiveStorage: req.receiveStorage,
+          volumes: fromPbSourceVolumes(req.volumes),
+          requestId: req.requestId,
+        }),
+      );
+    },
+    async migrateVm(req) {
+      const id = vmIdFromName(req.name);
+      if (!req.migrationUri) throw invalidArgument("migration_uri", "is required");
+      return op(
+        await m.migrations.migrate(id, {
+          migrationUri: req.migrationUri,
+          storageUri: req.storageUri,
+          settings: migrationSettings(req.settings),
+          requestId: req.requestId,
+        }),
+      );
+    },
+    async finishVmMigration(req) {
+      return op(
+        await m.migrations.finish(vmIdFromName(req.name), { paused: req.paused, requestId: req.requestId }),
+      );
+    },
   });
 }

@@ -11,7 +11,8 @@
  *
  * Each event's plan is written in one transaction; the outputs that changed are then pushed onto the
  * VMs' labels (best effort: the next event or start repairs a miss). Plans that add or remove members
- * on such events are logged, not applied: that is the rescheduler's work (issue #7).
+ * on such events are logged, not applied. Moving LOST members to other agents is env/reschedule.ts's
+ * work (by their ReschedulePolicy), and a returning agent is fenced (fleet/fencing.ts) before `up`.
  */
 import { VmState } from "@vmenv/api/agent/v1";
 import { keys } from "../store/keys.js";
@@ -19,6 +20,13 @@ import { getVm, syncOutputs } from "./agent.js";
 import { builtinKinds, planEvent } from "./kinds.js";
 import type { EnvRecord, MemberStateName } from "./model.js";
 import type { EnvDeps } from "./ops.js";
+
+/**
+ * Whether a member waits for its agent to come back: LOST, or FAILED because rescheduling it elsewhere
+ * gave up (it still has the `lostState` the down event gave it; env/reschedule.ts).
+ */
+const awaitsAgent = (m: { state: MemberStateName; lostState?: unknown }) =>
+  m.state === "LOST" || (m.state === "FAILED" && m.lostState !== undefined);
 
 export class MemberEvents {
   #seq = 0;
@@ -47,6 +55,8 @@ export class MemberEvents {
         const ids: string[] = [];
         for (const m of e.members)
           if (m.agent === agent && m.state !== "DELETING" && m.state !== "LOST") {
+            // The state it had, so that a reschedule (env/reschedule.ts) starts it again if it ran.
+            m.lostState = m.state;
             m.state = "LOST";
             m.stateMessage = `agents/${agent} is down${why ? `: ${why}` : ""}`;
             ids.push(m.id);
@@ -61,7 +71,7 @@ export class MemberEvents {
     const clients = this.deps.fleet.clients(agent);
     for (const [, e] of await this.deps.store.list<EnvRecord>(keys.envPrefix))
       for (const m of e.members)
-        if (m.agent === agent && m.state === "LOST") {
+        if (m.agent === agent && awaitsAgent(m)) {
           const vm = await getVm({ id: agent, clients }, e.id, m.id).catch(() => undefined);
           const s = vm?.state;
           lost.set(
@@ -81,8 +91,9 @@ export class MemberEvents {
         const ids: string[] = [];
         for (const m of e.members) {
           const s = lost.get(`${e.id}/${m.id}`);
-          if (!s || m.state !== "LOST") continue;
+          if (!s || !awaitsAgent(m)) continue;
           m.state = s;
+          delete m.lostState;
           m.stateMessage = s === "FAILED" ? `its VM is gone from agents/${agent}` : "";
           ids.push(m.id);
         }

@@ -5,7 +5,9 @@
  * the operation.
  */
 
+import { toJson } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
+import { MigrationSettingsSchema } from "@vmenv/api/agent/v1";
 import {
   AffinityEnforcement,
   AffinityType,
@@ -15,18 +17,13 @@ import {
   type Operation,
 } from "@vmenv/api/coordinator/v1";
 import { bind, noFilter, page, type ServiceBinding } from "@vmenv/rpc";
-import {
-  alreadyExists,
-  type FieldViolation,
-  invalidArgument,
-  notFound,
-  unimplemented,
-  VmenvError,
-} from "@vmenv/rpc/errors";
+import { alreadyExists, type FieldViolation, invalidArgument, notFound, VmenvError } from "@vmenv/rpc/errors";
 import type { OpRecord } from "../ops/types.js";
 import { keys } from "../store/keys.js";
+import type { JsonValue } from "../store/store.js";
 import { envToPb, fingerprint, memberFromPb } from "./convert.js";
 import { builtinKinds, planAdd } from "./kinds.js";
+import { MIGRATE_KIND, type MigrateInput, selectMembers } from "./migrate.js";
 import {
   AGENT_ID_MAX,
   ENV_ID,
@@ -396,10 +393,33 @@ export function environmentService(deps: EnvServiceDeps): ServiceBinding {
       return members("environment.resume", req.name, req.memberIds, req.requestId, {});
     },
 
-    async migrateEnvironment() {
-      throw unimplemented(
-        "vmenv.coordinator.v1.EnvironmentService/MigrateEnvironment",
-        "arrives with issue #7",
+    async migrateEnvironment(req) {
+      const again = await replayed(req.requestId);
+      if (again) return again;
+      const id = envIdFromName(req.name);
+      let agent = "";
+      if (req.agent) {
+        const m = /^agents\/([a-z0-9]([a-z0-9-]*[a-z0-9])?)$/.exec(req.agent);
+        if (!m?.[1])
+          throw invalidArgument("agent", `"${req.agent.slice(0, 80)}" is not an agent name (agents/{agent})`);
+        agent = m[1];
+        if (!deps.fleet.views().some((v) => v.id === agent)) throw notFound("agent", req.agent);
+      }
+      const e = await mustEnv(id);
+      checkMemberIds(e, req.memberIds, "member_ids");
+      // Refuses members that are not running before anything starts (the operation checks again).
+      selectMembers(e, { members: req.memberIds, agent, from: "" });
+      const input: MigrateInput = {
+        env: id,
+        members: [...req.memberIds],
+        agent,
+        from: "",
+        settings: req.settings ? (toJson(MigrationSettingsSchema, req.settings) as JsonValue) : null,
+      };
+      return op(
+        engine.start(MIGRATE_KIND, `environments/${id}`, input, {
+          ...(req.requestId ? { requestId: req.requestId } : {}),
+        }),
       );
     },
   });

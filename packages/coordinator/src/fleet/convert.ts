@@ -46,5 +46,6 @@ export function toPbAgent(v: AgentView): Agent {
     createTime: timestampFromMs(v.createMs),
     updateTime: timestampFromMs(v.updateMs),
     etag: v.etag,
+    operation: v.operation ? `operations/${v.operation}` : "",
   });
 }

@@ -68,6 +68,8 @@ export interface AgentView {
   updateMs: number;
   /** Changes with address, labels and state (not with heartbeats). */
   etag: string;
+  /** Id of the drain operation running on it (state DRAINING), if any. */
+  operation?: string;
 }
 
 /** Memory kept back from an agent that does not report its capacity (HostInfo.capacity). */
@@ -150,8 +152,14 @@ interface StoredAgent {
   labels: Record<string, string>;
   cordoned: boolean;
   cordonReason: string;
+  /** Id of the drain operation moving its members away (cordoned while it runs: DRAINING). */
+  drainOp?: string;
   down: boolean;
   downMessage: string;
+  /** Set while a DOWN agent that answers again is being fenced (fencing.ts); cleared at start. */
+  fencing?: boolean;
+  /** When it was marked DOWN. */
+  downSinceMs?: number;
   lastHeartbeatMs?: number;
   /** HostInfo as proto JSON. */
   host?: JsonValue;
@@ -196,6 +204,11 @@ export interface FleetOptions {
   connect?: (address: string) => AgentClients;
   /** Do not run heartbeats on a timer (tests call `heartbeatOnce`). */
   manualHeartbeat?: boolean;
+  /**
+   * Fences a DOWN agent that answers again, before it is READY (fencing.ts): destroys its copies that
+   * were replaced elsewhere. Absent: a returning agent is READY at once.
+   */
+  fence?: (id: string, clients: AgentClients) => Promise<void>;
 }
 
 /** Clients of the agent at `address`, over one HTTP/2 transport. */
@@ -241,6 +254,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     heartbeatTimeoutMs: number;
     connect?: (address: string) => AgentClients;
     manualHeartbeat?: boolean;
+    fence?: (id: string, clients: AgentClients) => Promise<void>;
   }) {
     super();
     this.#o = opts;
@@ -253,9 +267,11 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     const allocs = new Map<string, Usage>();
     for (const [k, v] of await this.#o.store.list<StoredUsage>(keys.allocPrefix))
       allocs.set(k.slice(keys.allocPrefix.length), usageFromStore(v));
-    for (const [k, rec] of await this.#o.store.list<StoredAgent>(keys.agentPrefix)) {
+    for (const [k, stored] of await this.#o.store.list<StoredAgent>(keys.agentPrefix)) {
       const id = k.slice(keys.agentPrefix.length);
-      this.#add(id, rec, allocs.get(id));
+      // A fencing cut short by a crash starts over when the agent answers (fencing is idempotent).
+      const rec = stored.fencing ? await this.#setFencing(id, false, stored.downMessage) : stored;
+      this.#add(id, rec ?? stored, allocs.get(id));
     }
     this.#o.logger.info({ agents: this.#agents.size }, "fleet loaded");
     if (!this.#o.manualHeartbeat) {
@@ -467,6 +483,20 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     );
   }
 
+  /**
+   * Marks the agent DRAINING by drain operation `op` (cordoning it), or, with `op` undefined, ends the
+   * drain: the agent stays CORDONED.
+   */
+  async setDraining(id: string, op: string | undefined, reason = ""): Promise<AgentView> {
+    this.#entry(id);
+    return this.#mutate(id, "", "drain", (rec) => {
+      if (op === undefined)
+        return rec.drainOp === undefined ? undefined : { ...rec, cordoned: true, drainOp: undefined };
+      if (rec.drainOp === op && rec.cordoned) return undefined;
+      return { ...rec, cordoned: true, cordonReason: reason || rec.cordonReason || "drained", drainOp: op };
+    });
+  }
+
   /** Makes a CORDONED agent READY; FAILED_PRECONDITION (AGENT_DOWN) while it is DOWN. */
   async uncordon(id: string, requestId = ""): Promise<AgentView> {
     const replay = await this.#replay(requestId, "uncordon", id);
@@ -474,6 +504,12 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     this.#entry(id);
     return this.#mutate(id, requestId, "uncordon", (rec) => {
       if (!rec.cordoned) return undefined;
+      if (rec.drainOp)
+        throw failedPrecondition(
+          `agent ${agentName(id)} is being drained by operations/${rec.drainOp}; cancel it first`,
+          "AGENT_DRAINING",
+          { agent: agentName(id), operation: `operations/${rec.drainOp}` },
+        );
       if (rec.down)
         throw failedPrecondition(
           `agent ${agentName(id)} is down (${rec.downMessage}); it can be uncordoned once it answers again`,
@@ -567,6 +603,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     const netsChanged = networks !== undefined && networks.join("\n") !== e.rec.networks.join("\n");
     if (!e.rec.down && !netsChanged && now - e.lastPersistMs < HEARTBEAT_PERSIST_MS) return;
     const wasDown = e.rec.down;
+    if (wasDown && this.#o.fence && !(await this.#fenced(e))) return;
     const hostJson = toJson(HostInfoSchema, info) as JsonValue;
     const next = await this.#o.store.transact(async (tx) => {
       const rec = await tx.get<StoredAgent>(keys.agent(e.id));
@@ -576,6 +613,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
       if (rec.down) {
         out.down = false;
         out.downMessage = "";
+        out.fencing = false;
         out.gen = rec.gen + 1;
         out.updateMs = now;
       }
@@ -593,6 +631,66 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     } else if (netsChanged) this.emit("changed", this.#view(e));
   }
 
+  /**
+   * Whether a DOWN agent that answers again may be READY: marks it fencing (persisted, so no member
+   * is moved off it from now on — see `replaceable`), runs the fence, and clears the mark when the
+   * fence fails (the agent stays DOWN; the next heartbeat tries again).
+   */
+  async #fenced(e: Entry): Promise<boolean> {
+    const fence = this.#o.fence;
+    if (!fence) return true;
+    const downMessage = e.rec.downMessage.replace(/^fencing[^;]*; /, "");
+    const marked = await this.#setFencing(
+      e.id,
+      true,
+      `fencing: agents/${e.id} answers again; its copies replaced elsewhere are destroyed before it takes work; ${downMessage}`,
+    );
+    if (!marked || this.#agents.get(e.id) !== e) return false;
+    e.rec = marked;
+    this.emit("changed", this.#view(e));
+    try {
+      await fence(e.id, e.clients);
+      this.#o.logger.info({ agent: e.id }, "agent fenced");
+      return true;
+    } catch (err) {
+      this.#o.logger.warn({ agent: e.id, err: errorText(err) }, "fencing failed; the agent stays down");
+      const back = await this.#setFencing(e.id, false, `fencing failed: ${errorText(err)}; ${downMessage}`);
+      if (back && this.#agents.get(e.id) === e) {
+        e.rec = back;
+        this.emit("changed", this.#view(e));
+      }
+      return false;
+    }
+  }
+
+  /** Sets or clears the fencing mark of a DOWN agent (with its down message); undefined if not DOWN. */
+  async #setFencing(id: string, on: boolean, downMessage: string): Promise<StoredAgent | undefined> {
+    const now = this.#o.clock.now();
+    return this.#o.store.transact(async (tx) => {
+      const rec = await tx.get<StoredAgent>(keys.agent(id));
+      if (!rec?.down) return undefined;
+      const out: StoredAgent = { ...rec, fencing: on, downMessage, gen: rec.gen + 1, updateMs: now };
+      tx.put(keys.agent(id), out);
+      return out;
+    });
+  }
+
+  /**
+   * Whether members may be moved off agent `id` now, read in the caller's transaction: the agent is
+   * DOWN and not being fenced. A move commits only while this holds, so a fence that starts later sees
+   * it (and destroys the old copy) before the agent is READY again.
+   */
+  async replaceable(tx: Txn, id: string): Promise<boolean> {
+    const rec = await tx.get<StoredAgent>(keys.agent(id));
+    return !!rec?.down && !rec.fencing;
+  }
+
+  /** When agent `id` was marked DOWN (ms since the epoch), or undefined while it is not DOWN. */
+  downSinceMs(id: string): number | undefined {
+    const e = this.#agents.get(id);
+    return e?.rec.down ? (e.rec.downSinceMs ?? e.rec.updateMs) : undefined;
+  }
+
   async #failed(e: Entry, why: string): Promise<void> {
     if (this.#agents.get(e.id) !== e) return;
     e.lastError = why;
@@ -608,6 +706,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
         ...rec,
         down: true,
         downMessage: message,
+        downSinceMs: now,
         gen: rec.gen + 1,
         updateMs: now,
         ...(e.lastOkMs !== undefined ? { lastHeartbeatMs: e.lastOkMs } : {}),
@@ -654,11 +753,17 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
 
   #view(e: Entry): AgentView {
     const r = e.rec;
-    const state: AgentStateName = r.down ? "down" : r.cordoned ? "cordoned" : "ready";
+    const state: AgentStateName = r.down
+      ? "down"
+      : r.cordoned && r.drainOp
+        ? "draining"
+        : r.cordoned
+          ? "cordoned"
+          : "ready";
     const stateMessage = r.down
       ? r.downMessage
       : r.cordoned
-        ? `cordoned${r.cordonReason ? `: ${r.cordonReason}` : ""}`
+        ? `${r.drainOp ? "draining" : "cordoned"}${r.cordonReason ? `: ${r.cordonReason}` : ""}`
         : "";
     const last = e.lastOkMs ?? r.lastHeartbeatMs;
     return {
@@ -675,6 +780,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
       createMs: r.createMs,
       updateMs: r.updateMs,
       etag: String(r.gen),
+      ...(r.drainOp ? { operation: r.drainOp } : {}),
     };
   }
 

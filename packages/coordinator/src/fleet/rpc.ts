@@ -1,10 +1,25 @@
-import { AgentService, AgentState } from "@vmenv/api/coordinator/v1";
+import { durationMs } from "@bufbuild/protobuf/wkt";
+import { AgentService, AgentState, type DrainAgentRequest, type Operation } from "@vmenv/api/coordinator/v1";
 import { bind, invalidArgument, noFilter, page, type ServiceBinding, unimplemented } from "@vmenv/rpc";
 import { toPbAgent, toPbState } from "./convert.js";
+import { checkDrainable } from "./drain.js";
 import { agentIdFromName, checkAgentId, type Fleet } from "./fleet.js";
 
+/** Starts an "agent.drain" operation (drain.ts) for a checked request. */
+export type StartDrain = (
+  agent: string,
+  req: { reason: string; settings: DrainAgentRequest["migration"]; timeoutMs: number; requestId: string },
+) => Promise<Operation>;
+
 /** AgentService: check, convert, call the fleet, convert back. */
-export function agentService(fleet: Fleet): ServiceBinding {
+export function agentService(
+  fleet: Fleet,
+  opts: {
+    drain?: StartDrain;
+    /** EvacuateAgent (evacuate.ts): checks the agent and starts an "agent.evacuate" operation. */
+    evacuate?: (agent: string, requestId: string) => Promise<Operation>;
+  } = {},
+): ServiceBinding {
   return bind(AgentService, {
     async registerAgent(req) {
       checkAgentId(req.agentId);
@@ -53,15 +68,28 @@ export function agentService(fleet: Fleet): ServiceBinding {
       return toPbAgent(await fleet.uncordon(agentIdFromName(req.name), req.requestId));
     },
     async drainAgent(req) {
-      agentIdFromName(req.name);
-      throw unimplemented("DrainAgent", "draining an agent arrives with issue #7 (migration)");
+      const id = agentIdFromName(req.name);
+      if (!opts.drain) throw unimplemented("DrainAgent", "this coordinator has no operation engine wired");
+      const view = fleet.get(id);
+      checkDrainable(view);
+      if (req.timeout && durationMs(req.timeout) < 0)
+        throw invalidArgument("timeout", "must not be negative");
+      return opts.drain(id, {
+        reason: req.reason,
+        settings: req.migration,
+        timeoutMs: req.timeout ? durationMs(req.timeout) : 0,
+        requestId: req.requestId,
+      });
     },
     async evacuateAgent(req) {
-      agentIdFromName(req.name);
-      throw unimplemented(
-        "EvacuateAgent",
-        "evacuating an agent arrives with issue #7 (evacuation and fencing)",
-      );
+      const id = agentIdFromName(req.name);
+      if (!opts.evacuate) throw unimplemented("EvacuateAgent", "this coordinator has no operation engine");
+      if (req.force)
+        throw unimplemented(
+          "EvacuateAgent force",
+          "evacuating an agent that is not DOWN is not supported: a live agent would be fenced back at its next heartbeat; drain it, or stop it and wait until it is DOWN",
+        );
+      return opts.evacuate(id, req.requestId);
     },
     async removeAgent(req) {
       await fleet.remove(agentIdFromName(req.name), {

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { VmenvError } from "@vmenv/rpc/errors";
+import { boundedWatch, VmenvError } from "@vmenv/rpc";
 import type { OperationEngine } from "./engine.js";
 import type { OpRecord } from "./types.js";
 
@@ -92,7 +92,7 @@ export type WatchItem =
  * keep state, e.g. the descendants of a root). A watcher that falls `queueLimit` matching changes behind
  * is cut off with RESOURCE_EXHAUSTED (WATCH_CLIENT_TOO_SLOW).
  */
-export async function* watchOps(
+export function watchOps(
   log: OpChangeLog,
   opts: {
     resumeToken: string;
@@ -102,50 +102,23 @@ export async function* watchOps(
     queueLimit?: number;
   },
 ): AsyncGenerator<WatchItem> {
-  const limit = opts.queueLimit ?? WATCH_QUEUE;
-  let wake: (() => void) | undefined;
-  let overflow = false;
-  let last = log.seq();
-  // Changes missed since the token (read in the same tick as the subscription: none slips between).
-  const missed = opts.resumeToken ? log.since(opts.resumeToken).filter((c) => opts.match(c.op)) : [];
-  const queue: OpChange[] = [...missed];
-  // Subscribe before the snapshot, so that nothing between the snapshot and the first change is lost.
-  const unsubscribe = log.subscribe((c) => {
-    if (!opts.match(c.op)) return;
-    if (queue.length >= limit) overflow = true;
-    else queue.push(c);
-    wake?.();
-  });
-  const aborted = new Promise<void>((r) => opts.signal.addEventListener("abort", () => r(), { once: true }));
-  try {
-    if (opts.resumeToken) {
-      // SYNCED carries the token given: resuming from it again replays the same changes, loses none.
-      yield { kind: "synced", seq: Number(opts.resumeToken.split(".")[1]) };
-      last = 0;
-    } else {
-      for (const op of await opts.snapshot()) yield { kind: "initial", op, seq: last };
-      yield { kind: "synced", seq: last };
-    }
-    for (;;) {
-      if (overflow)
-        throw new VmenvError(
-          "resource-exhausted",
-          "watcher fell too far behind and was cut off; watch again",
-          {
-            reason: "WATCH_CLIENT_TOO_SLOW",
-          },
-        );
-      const c = queue.shift();
-      if (!c) {
-        if (opts.signal.aborted) return;
-        await Promise.race([new Promise<void>((r) => (wake = r)), aborted]);
-        continue;
+  return boundedWatch<OpChange, WatchItem>({
+    subscribe: (push) => log.subscribe(push),
+    signal: opts.signal,
+    queueLimit: opts.queueLimit ?? WATCH_QUEUE,
+    accept: (c) => opts.match(c.op),
+    // Changes missed since the token (read in the same tick as the subscription: none slips between).
+    start: () =>
+      opts.resumeToken ? { after: 0, missed: log.since(opts.resumeToken) } : { after: log.seq() },
+    head: async function* (last) {
+      if (opts.resumeToken) {
+        // SYNCED carries the token given: resuming from it again replays the same changes, loses none.
+        yield { kind: "synced", seq: Number(opts.resumeToken.split(".")[1]) };
+      } else {
+        for (const op of await opts.snapshot()) yield { kind: "initial", op, seq: last };
+        yield { kind: "synced", seq: last };
       }
-      if (c.seq <= last) continue;
-      last = c.seq;
-      yield { kind: "change", ...c };
-    }
-  } finally {
-    unsubscribe();
-  }
+    },
+    toEvent: (c) => ({ kind: "change", ...c }),
+  });
 }

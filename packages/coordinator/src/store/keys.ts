@@ -17,6 +17,10 @@
  * | `opreq/{request id}`                 | id of the operation a request id started             |
  * | `lock/{env}`                         | id of the operation holding the environment's lock   |
  * | `claim/{op}.{member}`                 | reservation: agent, usage, tree node, deadline, owner |
+ * |                                      | (a migration's: `migrationFrom` = source agent; it     |
+ * |                                      | counts on the destination's `alloc/` only, not `usage/`) |
+ * | `move/{op}.{member}`                  | room a reschedule charged on the new agent before  |
+ * |                                      | its switch (agent, usage); undone on rollback       |
  *
  * Records of one change are written in one transaction (store.ts), e.g. a member's VM record, its
  * agent's `alloc/`, and `usage/` of every ancestor of its node.
@@ -41,6 +45,8 @@ export const keys = {
   lockPrefix: "lock/",
   claim: (id: string) => `claim/${id}`,
   claimPrefix: "claim/",
+  move: (id: string) => `move/${id}`,
+  movePrefix: "move/",
 } as const;
 
 /** The layout version this coordinator writes and reads. */

@@ -71,7 +71,7 @@ export function qemuArgs(req: LaunchRequest): string[] {
     args.push("-append", spec.boot.cmdline);
   }
   if (req.paused || req.incoming) args.push("-S");
-  if (req.incoming) args.push("-incoming", `unix:${req.incoming}`);
+  if (req.incoming) args.push("-incoming", req.incoming === "defer" ? "defer" : `unix:${req.incoming}`);
   return args;
 }
 

@@ -17,6 +17,7 @@ import type {
 import { alive, killHard, waitGone } from "../process.js";
 import { diskObjects, exportedDiskObjects, hotplugGpu, qemuArgs } from "./cmdline.js";
 import { type QmpBalloon, type QmpBlockStats, type QmpCpu, qemuCounters } from "./counters.js";
+import { QemuMigration } from "./migration.js";
 import { QmpClient, QmpError, type QmpEvent } from "./qmp.js";
 
 /** The process name QEMU gives itself (`-name …,process=vmenv-<id>`), to tell our QEMU from a reused pid. */
@@ -328,6 +329,9 @@ class QemuVmm
   }
   passthrough(command: string, args: Record<string, unknown> | undefined): Promise<unknown> {
     return this.qmp.execute(command, args);
+  }
+  migration(): QemuMigration {
+    return new QemuMigration(this.qmp);
   }
   async counters(): Promise<VmmCounters> {
     const [cpus, blocks, balloon] = await Promise.all([

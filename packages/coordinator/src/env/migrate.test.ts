@@ -1,0 +1,482 @@
+import { create, type Message } from "@bufbuild/protobuf";
+import { anyPack } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import {
+  type Operation as AgentOperation,
+  OperationSchema as AgentOperationSchema,
+  OperationState as AgentOpState,
+  type Vm,
+  VmMigrationPhase,
+  VmMigrationProgressSchema,
+  VmMigrationTargetSchema,
+  VmSchema,
+  VmState,
+  type Volume,
+  VolumeSchema,
+  VolumeState,
+} from "@vmenv/api/agent/v1";
+import { MemberSchema } from "@vmenv/api/coordinator/v1";
+import pino from "pino";
+import { describe, expect, it } from "vitest";
+import {
+  addUsage,
+  type StoredUsage,
+  subUsage,
+  type Usage,
+  usageFromStore,
+  usageToStore,
+} from "../domain/usage.js";
+import { DRAIN_KIND, type DrainInput, drainKind, membersOn } from "../fleet/drain.js";
+import type { AgentView } from "../fleet/fleet.js";
+import { OperationEngine } from "../ops/engine.js";
+import type { AgentClients } from "../ports.js";
+import { keys } from "../store/keys.js";
+import { memoryStore } from "../store/memory.js";
+import type { JsonValue, Txn } from "../store/store.js";
+import { ResourceTree } from "../tree/tree.js";
+import { memberFromPb } from "./convert.js";
+import {
+  MIGRATE_KIND,
+  type MigrateInput,
+  migrateKind,
+  migrationPercent,
+  packMigrationProgress,
+} from "./migrate.js";
+import type { EnvRecord, MemberRecord } from "./model.js";
+import { type CreateInput, type EnvDeps, environmentKinds } from "./ops.js";
+
+const MIB = 1024n * 1024n;
+
+/**
+ * An agent in memory that also speaks the migration protocol: PrepareVmMigration defines the VM
+ * MIGRATING, MigrateVm leaves the source paused in MIGRATING (progress as metadata), FinishVmMigration
+ * runs the destination, ResumeVm rolls the source back. `fail` makes one call fail.
+ */
+class FakeAgent {
+  readonly vms = new Map<string, Vm>();
+  readonly volumes = new Map<string, Volume>();
+  readonly ops = new Map<string, AgentOperation>();
+  readonly fail = new Set<string>();
+  cancelled: string[] = [];
+  #n = 0;
+  constructor(readonly id: string) {}
+  #op(kind: string, target: string, opts: { error?: string; result?: Message; metadata?: Message } = {}) {
+    const op = create(AgentOperationSchema, {
+      name: `operations/${this.id}-${++this.#n}`,
+      kind,
+      target,
+      state: opts.error ? AgentOpState.FAILED : AgentOpState.SUCCEEDED,
+      ...(opts.error ? { error: { code: Code.Aborted, message: opts.error } } : {}),
+      ...(opts.result ? { result: anyPack(VmMigrationTargetSchema, opts.result as never) } : {}),
+      ...(opts.metadata ? { metadata: anyPack(VmMigrationProgressSchema, opts.metadata as never) } : {}),
+    });
+    this.ops.set(op.name, op);
+    return op;
+  }
+  #vm(name: string): Vm {
+    const vm = this.vms.get(name);
+    if (!vm) throw new ConnectError(`${name} not found`, Code.NotFound);
+    return vm;
+  }
+  /** VMs that run (the guest executes) here. */
+  running(): string[] {
+    return [...this.vms.values()].filter((v) => v.state === VmState.RUNNING).map((v) => v.name);
+  }
+  clients(): AgentClients {
+    const vms = {
+      getVm: async (r: { name: string }) => this.#vm(r.name),
+      listVms: async () => ({ vms: [...this.vms.values()], nextPageToken: "" }),
+      createVm: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
+        const name = `vms/${r.vmId}`;
+        if (!this.vms.has(name))
+          this.vms.set(
+            name,
+            create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.STOPPED, etag: "1" }),
+          );
+        return this.#op("vm.create", name);
+      },
+      startVm: async (r: { name: string }) => {
+        this.#vm(r.name).state = VmState.RUNNING;
+        return this.#op("vm.start", r.name);
+      },
+      stopVm: async (r: { name: string }) => {
+        this.#vm(r.name).state = VmState.STOPPED;
+        return this.#op("vm.stop", r.name);
+      },
+      resumeVm: async (r: { name: string }) => {
+        const vm = this.#vm(r.name);
+        vm.state = VmState.RUNNING;
+        return vm;
+      },
+      deleteVm: async (r: { name: string }) => {
+        if (this.fail.has("deleteVm")) throw new ConnectError("disk on fire", Code.Internal);
+        this.vms.delete(r.name);
+        return this.#op("vm.delete", r.name);
+      },
+      updateVm: async (r: { vm: { name: string; labels: Record<string, string> } }) => {
+        const vm = this.#vm(r.vm.name);
+        vm.labels = { ...r.vm.labels };
+        return vm;
+      },
+      prepareVmMigration: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
+        const name = `vms/${r.vmId}`;
+        if (this.fail.has("prepare")) throw new ConnectError("no incoming VMM", Code.FailedPrecondition);
+        this.vms.set(name, create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.MIGRATING }));
+        return this.#op("vm.prepare_migration", name, {
+          result: create(VmMigrationTargetSchema, { vm: name, migrationUri: `tcp:${this.id}:4444` }),
+        });
+      },
+      migrateVm: async (r: { name: string; migrationUri: string }) => {
+        const vm = this.#vm(r.name);
+        if (this.fail.has("migrate"))
+          return this.#op("vm.migrate", r.name, { error: "the destination closed the stream" });
+        vm.state = VmState.MIGRATING;
+        return this.#op("vm.migrate", r.name, {
+          metadata: create(VmMigrationProgressSchema, {
+            phase: VmMigrationPhase.COMPLETED,
+            memoryTransferredBytes: 128n * MIB,
+            memoryTotalBytes: 128n * MIB,
+          }),
+        });
+      },
+      finishVmMigration: async (r: { name: string }) => {
+        if (this.fail.has("finish")) return this.#op("vm.finish_migration", r.name, { error: "VMM died" });
+        if (this.fail.has("finish-after-start")) {
+          this.#vm(r.name).state = VmState.RUNNING;
+          return this.#op("vm.finish_migration", r.name, { error: "lost the answer" });
+        }
+        this.#vm(r.name).state = VmState.RUNNING;
+        return this.#op("vm.finish_migration", r.name);
+      },
+    };
+    const blocks = {
+      getVolume: async (r: { name: string }) => {
+        const v = this.volumes.get(r.name);
+        if (!v) throw new ConnectError(`${r.name} not found`, Code.NotFound);
+        return v;
+      },
+      listVolumes: async () => ({ volumes: [...this.volumes.values()], nextPageToken: "" }),
+      listStores: async () => ({ stores: [], nextPageToken: "" }),
+      createVolume: async (r: {
+        volumeId: string;
+        volume: { sizeBytes: bigint; labels: Record<string, string> };
+      }) => {
+        const name = `volumes/${r.volumeId}`;
+        if (!this.volumes.has(name))
+          this.volumes.set(
+            name,
+            create(VolumeSchema, {
+              name,
+              sizeBytes: r.volume.sizeBytes,
+              labels: { ...r.volume.labels },
+              state: VolumeState.READY,
+            }),
+          );
+        return this.#op("volume.create", name);
+      },
+      deleteVolume: async (r: { name: string }) => {
+        this.volumes.delete(r.name);
+        return this.#op("volume.delete", r.name);
+      },
+    };
+    const diagnostics = {
+      getOperation: async (r: { name: string }) => this.ops.get(r.name),
+      waitOperation: async (r: { name: string }) => this.ops.get(r.name),
+      cancelOperation: async (r: { name: string }) => {
+        this.cancelled.push(r.name);
+        throw new ConnectError("finished", Code.FailedPrecondition);
+      },
+    };
+    return { vms, blocks, diagnostics, host: {}, networks: {} } as unknown as AgentClients;
+  }
+}
+
+const capacity = { vcpus: 8, memoryBytes: 4096n * MIB, gpus: 0, gpuMemoryBytes: 0n };
+
+async function setup() {
+  const store = memoryStore();
+  const clock = { now: () => Date.now() };
+  const logger = pino({ level: "silent" });
+  const tree = new ResourceTree(store, clock);
+  await tree.createNode("", "acme", {
+    description: "",
+    labels: {},
+    policy: { allowedNetworks: [], allowedHostLabels: {}, allowedCpus: [] },
+  });
+  const agents = new Map(["a1", "a2", "a3"].map((id) => [id, new FakeAgent(id)]));
+  const allocs = new Map<string, Usage>();
+  const cordoned = new Set<string>();
+  const draining: Array<[string, string | undefined]> = [];
+  const fleet: EnvDeps["fleet"] = {
+    views: () =>
+      [...agents.keys()].map(
+        (id) =>
+          ({
+            id,
+            state: cordoned.has(id) ? "cordoned" : "ready",
+            labels: {},
+            capacity,
+            allocated: allocs.get(id) ?? usageFromStore(undefined),
+            networks: [],
+          }) as unknown as AgentView,
+      ),
+    clients: (id) => (agents.get(id) as FakeAgent).clients(),
+    async charge(tx: Txn, id: string, d: Usage) {
+      const next = addUsage(usageFromStore(await tx.get<StoredUsage>(keys.alloc(id))), d);
+      tx.put(keys.alloc(id), usageToStore(next));
+      tx.afterCommit(() => allocs.set(id, next));
+    },
+    async release(tx: Txn, id: string, d: Usage) {
+      const next = subUsage(usageFromStore(await tx.get<StoredUsage>(keys.alloc(id))), d);
+      tx.put(keys.alloc(id), usageToStore(next));
+      tx.afterCommit(() => allocs.set(id, next));
+    },
+  };
+  const deps: EnvDeps = { store, tree, fleet, clock, logger, reservationTtlMs: 60_000 };
+  const engine = new OperationEngine({ store, clock, logger, retry: { attempts: 0 } });
+  for (const k of environmentKinds(deps)) engine.register(k);
+  engine.register(migrateKind(deps));
+  engine.register(
+    drainKind({
+      store,
+      engine,
+      fleet: {
+        async setDraining(id, op) {
+          draining.push([id, op]);
+          cordoned.add(id);
+        },
+      },
+    }),
+  );
+  const run = async (kind: string, input: JsonValue, target = "environments/shop") => {
+    const op = await engine.start(kind, target, input);
+    return engine.wait(op.id, 10_000);
+  };
+  const env = async (id = "shop") => (await store.get<EnvRecord>(keys.env(id))) as EnvRecord;
+  const vmsOn = (a: string) => [...(agents.get(a) as FakeAgent).vms.keys()].sort();
+  const alloc = (a: string) => (allocs.get(a) ?? usageFromStore(undefined)).vms;
+  const usage = async () => usageFromStore(await store.get<StoredUsage>(keys.usage("acme")));
+  const migrate = (over: Partial<MigrateInput> = {}) =>
+    run(MIGRATE_KIND, { env: "shop", members: [], agent: "", from: "", settings: null, ...over });
+  const createEnv = async (id: string, members: MemberRecord[]) => {
+    const input: CreateInput = {
+      env: id,
+      node: "acme",
+      description: "",
+      labels: {},
+      members,
+      start: true,
+      fingerprint: id,
+    };
+    const op = await run("environment.create", input, `environments/${id}`);
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+  };
+  return { store, engine, agents, run, env, vmsOn, alloc, usage, migrate, createEnv, draining, cordoned };
+}
+
+function member(id: string, opts: { volume?: boolean; agent?: string } = {}): MemberRecord {
+  return memberFromPb(
+    create(MemberSchema, {
+      id,
+      role: "",
+      spec: {
+        vcpus: 1,
+        memoryBytes: 128n * MIB,
+        disks: opts.volume ? [{ id: "d", volume: "volumes/data" }] : [],
+        boot: { method: { case: "directKernel", value: { kernelPath: "/k" } } },
+      },
+      volumes: opts.volume ? [{ id: "data", sizeBytes: 64n * MIB }] : [],
+      ...(opts.agent ? { placement: { agent: `agents/${opts.agent}` } } : {}),
+    }),
+  );
+}
+
+const fake = (t: Awaited<ReturnType<typeof setup>>, id: string) => t.agents.get(id) as FakeAgent;
+
+describe("environment.migrate over fake agents", () => {
+  it("moves every running member to the given agent: one running copy each, usage and placement follow", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [
+      member("web-1", { agent: "a1" }),
+      member("db-1", { volume: true, agent: "a1" }),
+    ]);
+    expect(t.vmsOn("a1")).toEqual(["vms/shop-db-1", "vms/shop-web-1"]);
+    const before = await t.usage();
+
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    expect(op.steps.map((s) => s.id)).toEqual([
+      "select",
+      ...["claim", "prepare", "perform", "finish", "confirm"].map((s) => `${s}.web-1`),
+      ...["claim", "volumes", "prepare", "perform", "finish", "confirm"].map((s) => `${s}.db-1`),
+    ]);
+    const e = await t.env();
+    expect(e.members.map((m) => [m.id, m.agent, m.state])).toEqual([
+      ["web-1", "a2", "RUNNING"],
+      ["db-1", "a2", "RUNNING"],
+    ]);
+    expect(e.transition).toBe("");
+    expect(t.vmsOn("a1")).toEqual([]);
+    expect([...fake(t, "a1").volumes.keys()]).toEqual([]);
+    expect(fake(t, "a2").running().sort()).toEqual(["vms/shop-db-1", "vms/shop-web-1"]);
+    expect([...fake(t, "a2").volumes.keys()]).toEqual(["volumes/shop-db-1-data"]);
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([0, 2]);
+    expect(await t.usage()).toEqual(before);
+    expect(await t.store.list(keys.claimPrefix)).toEqual([]);
+    // The API's metadata: the last member's VmMigrationProgress.
+    expect(packMigrationProgress(op)?.typeUrl).toContain("VmMigrationProgress");
+  });
+
+  it("rolls a failed perform back: the source runs on, the destination is clean, the claim released", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("db-1", { volume: true, agent: "a1" })]);
+    fake(t, "a1").fail.add("migrate");
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state).toBe("failed");
+    expect(op.error?.message).toContain("the destination closed the stream");
+    expect(op.error?.metadata.agent).toBe("agents/a1");
+    expect(fake(t, "a1").running()).toEqual(["vms/shop-db-1"]);
+    expect(t.vmsOn("a2")).toEqual([]);
+    expect([...fake(t, "a2").volumes.keys()]).toEqual([]);
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([1, 0]);
+    expect(await t.store.list(keys.claimPrefix)).toEqual([]);
+    const e = await t.env();
+    expect(e.members.map((m) => [m.id, m.agent, m.state])).toEqual([["db-1", "a1", "RUNNING"]]);
+    expect(e.transition).toBe("");
+  });
+
+  it("rolls a failed finish back to the source (the destination never ran)", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
+    fake(t, "a2").fail.add("finish");
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state).toBe("failed");
+    expect(op.error?.message).toContain("VMM died");
+    expect(fake(t, "a1").running()).toEqual(["vms/shop-web-1"]);
+    expect(t.vmsOn("a2")).toEqual([]);
+    expect((await t.env()).members[0]?.agent).toBe("a1");
+  });
+
+  it("never rolls back after finish: a source it cannot clean is left to the collector", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
+    fake(t, "a1").fail.add("deleteVm");
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    expect(fake(t, "a2").running()).toEqual(["vms/shop-web-1"]);
+    // The source copy stays paused (not running) until the collector removes it.
+    expect(fake(t, "a1").running()).toEqual([]);
+    expect((await t.env()).members[0]).toMatchObject({ agent: "a2", state: "RUNNING" });
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([0, 1]);
+  });
+
+  it("goes forward when finish failed after the destination started: one running copy, on the destination", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
+    fake(t, "a2").fail.add("finish-after-start");
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state).toBe("failed");
+    expect(fake(t, "a2").running()).toEqual(["vms/shop-web-1"]);
+    expect(t.vmsOn("a1")).toEqual([]);
+    expect((await t.env()).members[0]).toMatchObject({ agent: "a2", state: "RUNNING" });
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([0, 1]);
+    expect(await t.store.list(keys.claimPrefix)).toEqual([]);
+  });
+
+  it("keeps members already moved when a later one fails", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" }), member("web-2", { agent: "a1" })]);
+    let calls = 0;
+    const a2 = fake(t, "a2");
+    const clients = a2.clients.bind(a2);
+    a2.clients = () => {
+      const c = clients();
+      const prepare = c.vms.prepareVmMigration.bind(c.vms);
+      (c.vms as { prepareVmMigration: unknown }).prepareVmMigration = async (r: never) => {
+        if (++calls > 1) throw new ConnectError("out of ports", Code.ResourceExhausted);
+        return prepare(r);
+      };
+      return c;
+    };
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state).toBe("failed");
+    expect(op.error?.message).toContain("out of ports");
+    const e = await t.env();
+    expect(e.members.map((m) => [m.id, m.agent, m.state])).toEqual([
+      ["web-1", "a2", "RUNNING"],
+      ["web-2", "a1", "RUNNING"],
+    ]);
+    expect(fake(t, "a1").running()).toEqual(["vms/shop-web-2"]);
+    expect(a2.running()).toEqual(["vms/shop-web-1"]);
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([1, 1]);
+  });
+
+  it("chooses a destination by placement, never the source; refuses a stopped member before acting", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
+    const op = await t.migrate();
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    expect((await t.env()).members[0]?.agent).not.toBe("a1");
+
+    const stop = await t.run("environment.stop", { env: "shop", members: [] });
+    expect(stop.state).toBe("succeeded");
+    const refused = await t.migrate({ agent: "a3" });
+    expect(refused.state).toBe("failed");
+    expect(refused.error).toMatchObject({
+      code: "failed-precondition",
+      reason: "MEMBER_NOT_RUNNING",
+      metadata: { member: "web-1", state: "STOPPED" },
+    });
+    expect(t.vmsOn("a3")).toEqual([]);
+  });
+
+  it("reports progress in percent from the VMM's figures", () => {
+    const p = create(VmMigrationProgressSchema, {
+      phase: VmMigrationPhase.PRE_COPY,
+      memoryTransferredBytes: 64n * MIB,
+      memoryTotalBytes: 128n * MIB,
+    });
+    expect(migrationPercent(p)).toBe(50);
+    expect(migrationPercent({ ...p, phase: VmMigrationPhase.COMPLETED })).toBe(100);
+  });
+});
+
+describe("agent.drain over fake agents", () => {
+  it("moves every member of every environment off the agent, two environments at a time", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" }), member("db-1", { agent: "a2" })]);
+    await t.createEnv("blog", [member("app", { agent: "a1" })]);
+    await t.createEnv("wiki", [member("app", { agent: "a1" })]);
+    const input: DrainInput = { agent: "a1", reason: "disk swap", settings: null, timeoutMs: 0 };
+    const op = await t.run(DRAIN_KIND, input, "agents/a1");
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    expect(t.vmsOn("a1")).toEqual([]);
+    expect((await membersOn(t.store, "a1")).size).toBe(0);
+    expect(op.children).toHaveLength(3);
+    for (const env of ["shop", "blog", "wiki"])
+      for (const m of (await t.env(env)).members) {
+        expect(m.state).toBe("RUNNING");
+        expect(fake(t, m.agent).running()).toContain(`vms/${env}-${m.id}`);
+      }
+    // db-1 was on a2 and stays there.
+    expect((await t.env()).members.find((m) => m.id === "db-1")?.agent).toBe("a2");
+    expect(t.draining[0]).toEqual(["a1", op.id]);
+    expect(t.draining.at(-1)).toEqual(["a1", undefined]);
+    expect(t.alloc("a1")).toBe(0);
+  });
+
+  it("fails naming the members that could not move; what moved stays moved", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
+    await t.createEnv("blog", [member("app", { agent: "a1" })]);
+    const stop = await t.run("environment.stop", { env: "blog", members: [] }, "environments/blog");
+    expect(stop.state).toBe("succeeded");
+    const input: DrainInput = { agent: "a1", reason: "", settings: null, timeoutMs: 0 };
+    const op = await t.run(DRAIN_KIND, input, "agents/a1");
+    expect(op.state).toBe("failed");
+    expect(op.error).toMatchObject({ reason: "DRAIN_INCOMPLETE", metadata: { members: "blog/app" } });
+    expect((await t.env()).members[0]?.agent).not.toBe("a1");
+    expect(t.vmsOn("a1")).toEqual(["vms/blog-app"]);
+    expect(t.draining.at(-1)).toEqual(["a1", undefined]);
+  });
+});

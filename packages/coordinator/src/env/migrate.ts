@@ -1,0 +1,577 @@
+/**
+ * The "environment.migrate" operation kind: live migration of environment members between agents,
+ * libvirt's v3 protocol with Nova's claims, every phase an idempotent engine step:
+ *
+ * | step          | where        | does                                                           | undo                               |
+ * |---------------|--------------|----------------------------------------------------------------|------------------------------------|
+ * | `select`      | —            | checks the members, orders them, marks the environment MIGRATING | —                                |
+ * | `claim.M`     | store        | places M on a destination (never its source), charges it, claim record | releases the charge, drops the claim |
+ * | `volumes.M`   | destination  | creates M's local volumes there (same ids, sizes, formats)     | deletes them                       |
+ * | `prepare.M`   | destination  | PrepareVmMigration (incoming VMM; NBD export of the volumes)   | DeleteVm there                     |
+ * | `perform.M`   | source       | MigrateVm and its agent operation, progress copied to ours     | cancels it; resumes the source     |
+ * | `finish.M`    | destination  | FinishVmMigration: the VM runs on the destination              | DeleteVm there (it never ran)      |
+ * | `confirm.M`   | source+store | DeleteVm (and volumes) on the source; member.agent = destination, source released, claim gone | — |
+ *
+ * Once `finish.M` has succeeded the member is never rolled back: the destination runs it; every undo of
+ * M's steps is then a no-op, and `confirm.M` does not fail (a source it cannot clean is left to the
+ * collector, which removes VMs no member owns). Before that, any failure undoes M's steps in reverse:
+ * the source runs on, the destination is cleaned, the claim released. Members already moved stay
+ * moved. A destination that cannot be reached during a rollback is left to the collector (its incoming
+ * VMM never ran the guest), so one dead destination does not make the rollback fail.
+ *
+ * Order: members by priority, balancers last (the entry point moves after what it balances; the
+ * balancer's upstreams list member ids, which a move does not change). Only RUNNING members move: a
+ * stopped or paused member fails the operation with FAILED_PRECONDITION (cold migration is not built).
+ */
+import { fromJson, type JsonValue as PbJson, toJson } from "@bufbuild/protobuf";
+import { type Any, anyPack, anyUnpack, durationFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import {
+  OperationState as AgentOpState,
+  MigrationSettingsSchema,
+  VmMigrationPhase,
+  type VmMigrationProgress,
+  VmMigrationProgressSchema,
+  VmMigrationTargetSchema,
+  VmState,
+} from "@vmenv/api/agent/v1";
+import { failedPrecondition, notFound, VmenvError } from "@vmenv/rpc/errors";
+import { type StoredUsage, usageFromStore, usageToStore } from "../domain/usage.js";
+import type { OperationKind, OpRecord, StepContext, StepDef } from "../ops/types.js";
+import { place } from "../placement/place.js";
+import { keys } from "../store/keys.js";
+import type { JsonValue, Txn } from "../store/store.js";
+import {
+  type AgentTarget,
+  deleteVm,
+  deleteVolume,
+  ensureVolume,
+  getVm,
+  isNotFound,
+  waitAgentOp,
+} from "./agent.js";
+import { envResult } from "./convert.js";
+import { byPriority, type EnvRecord, memberUsage, vmId } from "./model.js";
+import { type ClaimRecord, claimKey, type EnvDeps, placementRequest, readEnv } from "./ops.js";
+
+export const MIGRATE_KIND = "environment.migrate";
+
+/** The request, as the operation keeps it. */
+export interface MigrateInput {
+  [k: string]: JsonValue | undefined;
+  env: string;
+  /** Member ids to move; empty: every member (or, with `from`, every member on that agent). */
+  members: string[];
+  /** Bare destination agent id; "": placement chooses, per member, among the other agents. */
+  agent: string;
+  /** Only members placed on this agent (a drain); "": any. */
+  from: string;
+  /** vmenv.agent.v1.MigrationSettings as protobuf JSON, or null. */
+  settings: JsonValue;
+}
+
+/** What `select` saved for each member to move. */
+interface Moving {
+  [k: string]: JsonValue | undefined;
+  id: string;
+  source: string;
+  volumes: string[];
+}
+
+const agentName = (id: string) => `agents/${id}`;
+
+/** One agent as the shared agent helpers (agent.ts) see it, for a step. */
+function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
+  return {
+    id: agent,
+    clients: deps.fleet.clients(agent),
+    record: (operation) => ctx.recordAgentOperation(agentName(agent), operation),
+    signal: ctx.signal,
+  };
+}
+
+/** A request id for one agent call of a step: the step's, plus what the call is. */
+const rid = (ctx: StepContext, what: string) => `${ctx.requestId}:${what}`.slice(0, 128);
+
+function isUnreachable(err: unknown): boolean {
+  if (err instanceof VmenvError) return err.code === "unavailable" || err.code === "deadline-exceeded";
+  const ce = ConnectError.from(err);
+  return ce.code === Code.Unavailable || ce.code === Code.DeadlineExceeded;
+}
+
+async function mutateEnv(deps: EnvDeps, tx: Txn, id: string, fn: (e: EnvRecord) => void) {
+  const e = await readEnv(tx, id);
+  if (!e) return undefined;
+  fn(e);
+  e.updateMs = deps.clock.now();
+  tx.put(keys.env(id), e);
+  return e;
+}
+
+function memberNotFound(env: string, id: string): VmenvError {
+  return new VmenvError("not-found", `member ${id} not found in environments/${env}`, {
+    reason: "MEMBER_NOT_FOUND",
+    metadata: { environment: `environments/${env}`, member: id },
+  });
+}
+
+/**
+ * The members a migration moves, in the order it moves them (priority order, balancers last); throws
+ * NOT_FOUND for an unknown id and FAILED_PRECONDITION for a member that is not RUNNING or has no agent.
+ * Members already on `inp.agent` are left out (nothing to do).
+ */
+export function selectMembers(e: EnvRecord, inp: Pick<MigrateInput, "members" | "agent" | "from">) {
+  for (const id of inp.members) if (!e.members.some((m) => m.id === id)) throw memberNotFound(e.id, id);
+  const chosen = byPriority(e.members).filter(
+    (m) =>
+      (inp.members.length === 0 || inp.members.includes(m.id)) &&
+      (!inp.from || m.agent === inp.from) &&
+      !(inp.agent && m.agent === inp.agent),
+  );
+  for (const m of chosen) {
+    if (m.state !== "RUNNING" && m.state !== "MIGRATING")
+      throw failedPrecondition(
+        `member ${m.id} of environments/${e.id} is ${m.state.toLowerCase()}: only running members ` +
+          "are live-migrated (stopped and paused members would move with a cold migration, which is not built)",
+        "MEMBER_NOT_RUNNING",
+        { environment: `environments/${e.id}`, member: m.id, state: m.state },
+      );
+  }
+  return [...chosen.filter((m) => m.kind !== "balancer"), ...chosen.filter((m) => m.kind === "balancer")];
+}
+
+/** The agent operation's VmMigrationProgress, if it carries one. */
+function progressOf(metadata: Any | undefined): VmMigrationProgress | undefined {
+  return metadata ? anyUnpack(metadata, VmMigrationProgressSchema) : undefined;
+}
+
+/** Percent of a member's migration done (memory sent, or storage copied while that runs), 0–100. */
+export function migrationPercent(p: VmMigrationProgress): number {
+  if (p.phase === VmMigrationPhase.COMPLETED) return 100;
+  if (p.phase === VmMigrationPhase.STORAGE && p.storageTotalBytes > 0n)
+    return Number((p.storageTransferredBytes * 50n) / p.storageTotalBytes);
+  const total = p.memoryTotalBytes > 0n ? p.memoryTotalBytes : 0n;
+  if (total === 0n) return 0;
+  const sent = p.memoryTransferredBytes > total ? total : p.memoryTransferredBytes;
+  return (
+    (p.storageTotalBytes > 0n ? 50 : 0) + Number((sent * (p.storageTotalBytes > 0n ? 50n : 100n)) / total)
+  );
+}
+
+/** The operation's metadata for the API: the VmMigrationProgress of the member being moved. */
+export function packMigrationProgress(op: Pick<OpRecord, "kind" | "data">): Any | undefined {
+  if (op.kind !== MIGRATE_KIND || !op.data.progress) return undefined;
+  try {
+    return anyPack(
+      VmMigrationProgressSchema,
+      fromJson(VmMigrationProgressSchema, op.data.progress as PbJson, { ignoreUnknownFields: true }),
+    );
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether member `id` runs on its destination (its `finish` succeeded): from then on it only goes
+ * forward. The flag in `op.data` is written as soon as the destination runs, before the step's
+ * completion, and outlives the step's state (a rollback marks steps ROLLING_BACK as it goes).
+ */
+const finished = (op: Readonly<OpRecord>, id: string) =>
+  op.data[`finished.${id}`] === true ||
+  op.steps.some((s) => s.id === `finish.${id}` && s.state === "succeeded");
+
+/** The "environment.migrate" kind. */
+export function migrateKind(deps: EnvDeps): OperationKind {
+  /** Runs `fn` on the destination during a rollback; an unreachable destination is left to the collector. */
+  const onDestination = async (ctx: StepContext, dest: string, what: string, fn: () => Promise<void>) => {
+    try {
+      await fn();
+    } catch (err) {
+      if (!isUnreachable(err)) throw err;
+      deps.logger.warn(
+        { op: `operations/${ctx.op.id}`, agent: agentName(dest), what, err },
+        "destination unreachable during rollback; what it holds is left to the collector",
+      );
+    }
+  };
+
+  const memberSteps = (inp: MigrateInput, mv: Moving, index: number, count: number): StepDef[] => {
+    const env = inp.env;
+    const id = mv.id;
+    const src = mv.source;
+    const name = `vms/${vmId(env, id)}`;
+    const dest = (op: Readonly<OpRecord>) => (op.data[`dest.${id}`] as string | undefined) ?? "";
+    const destOrThrow = (op: Readonly<OpRecord>) => {
+      const d = dest(op);
+      if (!d) throw new Error(`no destination recorded for ${id}`);
+      return d;
+    };
+    const share = 100 / count;
+    const progress = (ctx: StepContext, within: number, stage: string) =>
+      ctx.progress(index * share + (within / 100) * share, stage);
+    const steps: StepDef[] = [];
+
+    /** Deletes the (paused, confirmed) source copy and its volumes; what fails is left to the collector. */
+    const cleanSource = async (ctx: StepContext) => {
+      try {
+        // No abort signal: once the destination runs, the source goes, cancelled or not.
+        const a: AgentTarget = { id: src, clients: deps.fleet.clients(src) };
+        await deleteVm(a, env, id, rid(ctx, "delvm"));
+        for (const v of mv.volumes) await deleteVolume(a, env, id, v, rid(ctx, `delvol-${v}`));
+      } catch (err) {
+        deps.logger.warn(
+          { op: `operations/${ctx.op.id}`, agent: agentName(src), member: id, err },
+          "could not remove the migrated VM from its source; left to the collector",
+        );
+      }
+    };
+
+    /** The member is the destination's: the claimed room becomes its, the source's goes back. */
+    const switchRecord = async (tx: Txn, opId: string, to: string) => {
+      const e = await readEnv(tx, env);
+      const m = e?.members.find((x) => x.id === id);
+      if (m && m.agent === src) {
+        await deps.fleet.release(tx, src, memberUsage(m));
+        await mutateEnv(deps, tx, env, (x) => {
+          const mm = x.members.find((y) => y.id === id);
+          if (mm) {
+            mm.agent = to;
+            mm.state = "RUNNING";
+            mm.stateMessage = "";
+          }
+        });
+      }
+      if (await tx.get(claimKey(opId, id))) tx.del(claimKey(opId, id));
+    };
+
+    steps.push({
+      id: `claim.${id}`,
+      description: `choose a destination for ${id} (not agents/${src}) and claim room there`,
+      async run(ctx) {
+        progress(ctx, 0, `placing ${id}`);
+        const e = await readEnv(deps.store, env);
+        const m = e?.members.find((x) => x.id === id);
+        if (!e || !m) throw memberNotFound(env, id);
+        let to = dest(ctx.op);
+        if (!to) {
+          const policy = await deps.tree.effectivePolicy(deps.store, e.node);
+          const req = placementRequest(
+            { ...m, agent: "" },
+            policy,
+            e.members.filter((x) => x.id !== id),
+          );
+          if (inp.agent) req.agent = inp.agent;
+          else delete req.agent;
+          const candidates = deps.fleet.views().filter((v) => v.id !== src);
+          to = place(req, candidates).agent;
+          await ctx.save({ [`dest.${id}`]: to });
+        }
+        const destination = to;
+        const usage = memberUsage(m);
+        ctx.onComplete(async (tx) => {
+          if (await tx.get(claimKey(ctx.op.id, id))) return;
+          await deps.fleet.charge(tx, destination, usage);
+          const c: ClaimRecord & { migrationFrom: string } = {
+            op: ctx.op.id,
+            env,
+            member: id,
+            agent: destination,
+            node: e.node,
+            usage: usageToStore(usage),
+            deadlineMs: deps.clock.now() + deps.reservationTtlMs,
+            migrationFrom: src,
+          };
+          tx.put(claimKey(ctx.op.id, id), c);
+          await mutateEnv(deps, tx, env, (x) => {
+            const mm = x.members.find((y) => y.id === id);
+            if (mm && mm.agent === src) {
+              mm.state = "MIGRATING";
+              mm.stateMessage = `moving to agents/${destination}`;
+            }
+          });
+        });
+      },
+      async undo(ctx) {
+        if (finished(ctx.op, id)) return;
+        await deps.store.transact(async (tx) => {
+          const c = await tx.get<ClaimRecord>(claimKey(ctx.op.id, id));
+          if (c) {
+            await deps.fleet.release(tx, c.agent, usageFromStore(c.usage as StoredUsage));
+            tx.del(claimKey(ctx.op.id, id));
+          }
+          await mutateEnv(deps, tx, env, (x) => {
+            const mm = x.members.find((y) => y.id === id);
+            if (mm && mm.agent === src && mm.state === "MIGRATING") {
+              mm.state = "RUNNING";
+              mm.stateMessage = "";
+            }
+          });
+        });
+      },
+    });
+
+    if (mv.volumes.length > 0)
+      steps.push({
+        id: `volumes.${id}`,
+        description: `create the volumes of ${id} on its destination`,
+        async run(ctx) {
+          const to = destOrThrow(ctx.op);
+          progress(ctx, 5, `creating the volumes of ${id} on agents/${to}`);
+          const m = (await readEnv(deps.store, env))?.members.find((x) => x.id === id);
+          if (!m) throw memberNotFound(env, id);
+          const a = target(deps, ctx, to);
+          // Blank volumes of the same size and format: their contents come with the migration.
+          for (const v of m.volumes)
+            await ensureVolume(a, env, id, { ...v, imageUri: "" }, rid(ctx, `vol-${v.id}`));
+        },
+        async undo(ctx) {
+          const to = dest(ctx.op);
+          if (finished(ctx.op, id) || !to) return;
+          await onDestination(ctx, to, "volumes", async () => {
+            const a = target(deps, ctx, to);
+            for (const v of mv.volumes) await deleteVolume(a, env, id, v, rid(ctx, `undo-vol-${v}`));
+          });
+        },
+      });
+
+    steps.push({
+      id: `prepare.${id}`,
+      description: `prepare the destination of ${id} (incoming VMM)`,
+      async run(ctx) {
+        const to = destOrThrow(ctx.op);
+        progress(ctx, 10, `preparing agents/${to} for ${id}`);
+        const source = target(deps, ctx, src);
+        const vm = await getVm(source, env, id);
+        if (!vm)
+          throw new VmenvError("failed-precondition", `${name} is missing on agents/${src}`, {
+            reason: "MEMBER_VM_MISSING",
+            metadata: { vm: name, agent: agentName(src), member: id },
+          });
+        const a = target(deps, ctx, to);
+        const op = await a.clients.vms.prepareVmMigration({
+          vmId: vmId(env, id),
+          // The VM as the source has it: spec, labels, restart policy, devices (NICs keep their MACs).
+          vm,
+          receiveStorage: mv.volumes.length > 0,
+          requestId: rid(ctx, "prepare"),
+        });
+        const done = await waitAgentOp(a, op);
+        const t = done.result ? anyUnpack(done.result, VmMigrationTargetSchema) : undefined;
+        if (!t?.migrationUri)
+          throw new VmenvError("internal", `agents/${to} prepared ${name} but gave no migration address`, {
+            reason: "MIGRATION_TARGET_MISSING",
+            metadata: { agent: agentName(to), vm: name },
+          });
+        await ctx.save({ [`target.${id}`]: { migrationUri: t.migrationUri, storageUri: t.storageUri } });
+      },
+      async undo(ctx) {
+        const to = dest(ctx.op);
+        if (finished(ctx.op, id) || !to) return;
+        await onDestination(ctx, to, "incoming VM", () =>
+          deleteVm(target(deps, ctx, to), env, id, rid(ctx, "undo-prepare")),
+        );
+      },
+    });
+
+    steps.push({
+      id: `perform.${id}`,
+      description: `live-migrate ${id} from agents/${src}`,
+      agent: agentName(src),
+      async run(ctx) {
+        const to = destOrThrow(ctx.op);
+        const t = ctx.op.data[`target.${id}`] as { migrationUri: string; storageUri: string } | undefined;
+        if (!t) throw new Error(`no migration target recorded for ${id}`);
+        const a = target(deps, ctx, src);
+        let opName = ctx.step.agentOperation;
+        if (!opName) {
+          const started = await a.clients.vms.migrateVm({
+            name,
+            migrationUri: t.migrationUri,
+            storageUri: t.storageUri,
+            ...(inp.settings
+              ? {
+                  settings: fromJson(MigrationSettingsSchema, inp.settings as PbJson, {
+                    ignoreUnknownFields: true,
+                  }),
+                }
+              : {}),
+            requestId: rid(ctx, "migrate"),
+          });
+          opName = started.name;
+          await ctx.recordAgentOperation(agentName(src), opName);
+        }
+        // Poll for progress (copied into this operation), then take its end as waitAgentOp reports it.
+        let lastSave = 0;
+        for (;;) {
+          const cur = await a.clients.diagnostics.getOperation(
+            { name: opName },
+            { timeoutMs: 10_000, signal: ctx.signal },
+          );
+          const p = progressOf(cur.metadata);
+          if (p) {
+            progress(
+              ctx,
+              20 + (migrationPercent(p) * 70) / 100,
+              `migrating ${id} to agents/${to} (${VmMigrationPhase[p.phase]?.toLowerCase() ?? "?"}, ${migrationPercent(p)}%)`,
+            );
+            const now = deps.clock.now();
+            if (now - lastSave >= 1000 || cur.state !== AgentOpState.RUNNING) {
+              lastSave = now;
+              await ctx.save({ progress: toJson(VmMigrationProgressSchema, p) as JsonValue, moving: id });
+            }
+          }
+          if (cur.state !== AgentOpState.RUNNING && cur.state !== AgentOpState.PENDING) {
+            await waitAgentOp({ id: a.id, clients: a.clients, signal: ctx.signal }, cur);
+            return;
+          }
+          await new Promise<void>((resolve, reject) => {
+            const timer = setTimeout(resolve, 500);
+            ctx.signal.addEventListener(
+              "abort",
+              () => {
+                clearTimeout(timer);
+                reject(ctx.signal.reason);
+              },
+              { once: true },
+            );
+          });
+        }
+      },
+      async undo(ctx) {
+        if (finished(ctx.op, id)) return;
+        const a = target(deps, ctx, src);
+        const opName = ctx.step.agentOperation;
+        if (opName) {
+          try {
+            await a.clients.diagnostics.cancelOperation({ name: opName });
+          } catch (err) {
+            const ce = ConnectError.from(err);
+            // Finished already (or forgotten by the agent): nothing to cancel.
+            if (ce.code !== Code.FailedPrecondition && !isNotFound(ce)) throw err;
+          }
+          await waitSettled(a, opName);
+        }
+        // Completed but not confirmed, the source waits paused (MIGRATING): ResumeVm rolls it back.
+        const vm = await getVm(a, env, id);
+        if (vm && (vm.state === VmState.MIGRATING || vm.state === VmState.PAUSED))
+          await a.clients.vms.resumeVm({ name, requestId: rid(ctx, "undo-resume") });
+      },
+    });
+
+    steps.push({
+      id: `finish.${id}`,
+      description: `start ${id} on its destination`,
+      async run(ctx) {
+        const to = destOrThrow(ctx.op);
+        progress(ctx, 92, `starting ${id} on agents/${to}`);
+        const a = target(deps, ctx, to);
+        const vm = await getVm(a, env, id);
+        if (vm?.state !== VmState.RUNNING)
+          await waitAgentOp(
+            a,
+            await a.clients.vms.finishVmMigration({ name, requestId: rid(ctx, "finish") }),
+          );
+        await ctx.save({ [`finished.${id}`]: true });
+      },
+      async undo(ctx) {
+        const to = dest(ctx.op);
+        if (finished(ctx.op, id) || !to) return;
+        let runs = false;
+        await onDestination(ctx, to, "VM", async () => {
+          const a = target(deps, ctx, to);
+          runs = (await getVm(a, env, id))?.state === VmState.RUNNING;
+          if (!runs) await deleteVm(a, env, id, rid(ctx, "undo-finish"));
+        });
+        if (!runs) return;
+        // Finish took effect although its step did not complete (cancelled or failed after the
+        // destination started): the destination runs the guest, so the member goes forward instead.
+        await ctx.save({ [`finished.${id}`]: true });
+        await cleanSource(ctx);
+        await deps.store.transact((tx) => switchRecord(tx, ctx.op.id, to));
+      },
+    });
+
+    steps.push({
+      id: `confirm.${id}`,
+      description: `remove ${id} from agents/${src} and record it on its destination`,
+      agent: agentName(src),
+      async run(ctx) {
+        // Never fails (a cancel does not stop it either): the member runs on its destination.
+        const to = destOrThrow(ctx.op);
+        progress(ctx, 97, `removing ${id} from agents/${src}`);
+        await cleanSource(ctx);
+        ctx.onComplete((tx) => switchRecord(tx, ctx.op.id, to));
+      },
+    });
+    return steps;
+  };
+
+  return {
+    kind: MIGRATE_KIND,
+    lock: (op) => (op.input as MigrateInput).env,
+    cancellable: true,
+    afterCrash: "resume",
+    plan(op) {
+      const inp = op.input as MigrateInput;
+      const steps: StepDef[] = [
+        {
+          id: "select",
+          description: "choose the members to move and their order",
+          async run(ctx) {
+            let moving = ctx.op.data.moving_members as Moving[] | undefined;
+            if (!moving) {
+              const e = await readEnv(deps.store, inp.env);
+              if (!e) throw notFound("environment", `environments/${inp.env}`);
+              if (inp.agent && !deps.fleet.views().some((v) => v.id === inp.agent))
+                throw notFound("agent", agentName(inp.agent));
+              moving = selectMembers(e, inp).map((m) => ({
+                id: m.id,
+                source: m.agent,
+                volumes: m.volumes.map((v) => v.id),
+              }));
+              await ctx.save({ moving_members: moving });
+            }
+            if (moving.length > 0)
+              ctx.onComplete(async (tx) => {
+                await mutateEnv(deps, tx, inp.env, (x) => {
+                  x.transition = "MIGRATING";
+                });
+              });
+          },
+        },
+      ];
+      const moving = (op.data.moving_members ?? []) as Moving[];
+      moving.forEach((mv, i) => {
+        steps.push(...memberSteps(inp, mv, i, moving.length));
+      });
+      return steps;
+    },
+    async result(op, tx) {
+      const e = await mutateEnv(deps, tx, (op.input as MigrateInput).env, (x) => {
+        x.transition = "";
+      });
+      return e ? envResult(e) : undefined;
+    },
+    async onFailed(op, tx) {
+      await mutateEnv(deps, tx, (op.input as MigrateInput).env, (x) => {
+        x.transition = "";
+      });
+    },
+  };
+}
+
+/** Waits (up to a minute) until an agent operation is no longer running. */
+async function waitSettled(a: AgentTarget, name: string): Promise<void> {
+  for (let i = 0; i < 3; i++) {
+    try {
+      const cur = await a.clients.diagnostics.waitOperation(
+        { name, timeout: durationFromMs(20_000) },
+        { timeoutMs: 30_000 },
+      );
+      if (cur.state !== AgentOpState.RUNNING && cur.state !== AgentOpState.PENDING) return;
+    } catch (err) {
+      if (isNotFound(ConnectError.from(err))) return;
+      throw err;
+    }
+  }
+}
