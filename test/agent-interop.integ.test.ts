@@ -100,19 +100,28 @@ describe("agent interop: independent clients reach HostService", () => {
     }
   });
 
-  it("services that are not built yet answer UNIMPLEMENTED with a clear message", async () => {
-    const r = await run("curl", [
-      "-sS",
-      "-X",
-      "POST",
-      "-H",
-      "content-type: application/json",
-      "-d",
-      "{}",
-      `http://${agent.address}/vmenv.agent.v1.VmService/MigrateVm`,
-    ]);
+  it("features that are not built yet answer UNIMPLEMENTED with a clear message, creating nothing", async () => {
+    const call = (method: string, body: unknown) =>
+      run("curl", [
+        "-sS",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        JSON.stringify(body),
+        `http://${agent.address}/vmenv.agent.v1.NetworkService/${method}`,
+      ]);
+    const r = await call("CreateNetwork", {
+      networkId: "uplinked",
+      network: { cidr: "10.213.7.0/24", uplink: "eth0" },
+    });
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");
-    expect(j.message).toMatch(/^vmenv\.agent\.v1\.VmService\/MigrateVm is not implemented yet: .+issue #3$/);
+    expect(j.message).toMatch(/^network\.uplink is not implemented yet: .+/);
+    const g = JSON.parse((await call("GetNetwork", { name: "networks/uplinked" })).stdout) as {
+      code: string;
+    };
+    expect(g.code).toBe("not_found");
   });
 });
