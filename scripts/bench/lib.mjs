@@ -6,6 +6,15 @@ import { rm } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { OperationState } from "@vmenv/api/agent/v1";
+import {
+  AgentService,
+  AgentState,
+  OperationState as CoordOpState,
+  EnvironmentService,
+  OperationService,
+  ResourceService,
+} from "@vmenv/api/coordinator/v1";
+import { createDaemonClient } from "@vmenv/rpc";
 
 export const root = resolve(import.meta.dirname, "../..");
 export const MIB = 1024n * 1024n;
@@ -73,48 +82,62 @@ export async function guestImage() {
 }
 
 /**
- * Starts packages/agent/dist/main.js under `dir` (TCG, Unix socket only) with `args` added. `ready`
- * resolves with the agent's log so far once it logs "vmenv-agent ready" (rejects if it exits or takes
- * over 30 s); `exited` resolves with its exit code or signal.
+ * Starts `node <main> ...args` (a vmenv daemon: `name` is its process name, e.g. "vmenv-agent"). `ready`
+ * resolves with its log so far once it logs "<name> ready" (rejects if it exits or takes over 30 s);
+ * `exited` resolves with its exit code or signal; `log()` is its stderr so far (the last 100 kB once it
+ * passes 1 MB).
  */
-export function startAgent(dir, args = []) {
-  const socket = join(dir, "agent.sock");
-  const proc = spawn(
-    process.execPath,
-    [
-      join(root, "packages/agent/dist/main.js"),
-      "--state-dir",
-      join(dir, "agent"),
-      "--socket",
-      socket,
-      "--listen",
-      "off",
-      "--accelerator",
-      "tcg",
-      "--kvm-probe-timeout-ms",
-      "200",
-      ...args,
-    ],
-    { stdio: ["ignore", "ignore", "pipe"] },
-  );
+function startDaemon(name, main, args) {
+  const proc = spawn(process.execPath, [join(root, main), ...args], { stdio: ["ignore", "ignore", "pipe"] });
   let log = "";
   const exited = new Promise((r) => proc.once("exit", (c, s) => r(c ?? s)));
   const ready = new Promise((res, rej) => {
     proc.stderr.setEncoding("utf8").on("data", (d) => {
       log += d;
-      if (log.includes('"msg":"vmenv-agent ready"')) res(log);
+      if (log.includes(`"msg":"${name} ready"`)) res(log);
       if (log.length > 1e6) log = log.slice(-1e5);
     });
-    void exited.then((c) => rej(new Error(`vmenv-agent exited (${c}): ${log}`)));
-    setTimeout(() => rej(new Error(`vmenv-agent not ready after 30s: ${log}`)), 30_000).unref();
+    void exited.then((c) => rej(new Error(`${name} exited (${c}): ${log}`)));
+    setTimeout(() => rej(new Error(`${name} not ready after 30s: ${log}`)), 30_000).unref();
   });
-  return { proc, socket, ready, exited };
+  return { proc, ready, exited, log: () => log };
 }
+
+/**
+ * Starts packages/agent/dist/main.js under `dir` (TCG, Unix socket only) with `args` added (a later
+ * `--listen host:port` wins); see startDaemon for what it returns, plus its `socket`.
+ */
+export function startAgent(dir, args = []) {
+  const socket = join(dir, "agent.sock");
+  const flags = ["--state-dir", join(dir, "agent"), "--socket", socket, "--listen", "off"];
+  const tcg = ["--accelerator", "tcg", "--kvm-probe-timeout-ms", "200"];
+  return {
+    socket,
+    ...startDaemon("vmenv-agent", "packages/agent/dist/main.js", [...flags, ...tcg, ...args]),
+  };
+}
+
+/**
+ * Starts packages/coordinator/dist/main.js under `dir` (LevelDB and socket there, TCP on a free loopback
+ * port) with `args` added; the same shape as startAgent.
+ */
+export function startCoordinator(dir, args = []) {
+  const socket = join(dir, "coordinator.sock");
+  const flags = ["--data-dir", join(dir, "db"), "--socket", socket, "--listen", "127.0.0.1:0"];
+  return {
+    socket,
+    ...startDaemon("vmenv-coordinator", "packages/coordinator/dist/main.js", [...flags, ...args]),
+  };
+}
+
+/** The TCP address ("host:port") a daemon's ready line reports. */
+const tcpAddressOf = (log) => /"tcpAddress":"([^"]+)"/.exec(log)?.[1] ?? "";
 
 /**
  * The run's teardown, done once (later calls get the same promise) and on SIGINT/SIGTERM: `before` (the
  * script's own), then every QEMU and storage daemon naming `dir` (they outlive the agent), the agent
- * (SIGTERM, SIGKILL after 10 s), anything else still naming `dir`, and `dir`.
+ * (SIGTERM, SIGKILL after 10 s; `agent` may be an array of agents and coordinators, read at teardown so
+ * that the script can add to it later), anything else still naming `dir`, and `dir`.
  */
 export function teardown(dir, agent, before = async () => undefined) {
   let cleaned;
@@ -123,11 +146,14 @@ export function teardown(dir, agent, before = async () => undefined) {
       await before();
       await killMatching(`qemu-system.*${escapeRe(dir)}`);
       await killMatching(`qemu-storage-daemon.*${escapeRe(dir)}`);
-      const { proc } = agent;
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
-      const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
-      await agent.exited;
-      clearTimeout(t);
+      await Promise.all(
+        [agent].flat().map(async ({ proc, exited }) => {
+          if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
+          const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
+          await exited;
+          clearTimeout(t);
+        }),
+      );
       await killMatching(escapeRe(dir));
       await rm(dir, { recursive: true, force: true });
     })();
@@ -175,4 +201,60 @@ export async function finished(diag, op, timeoutMs = 60_000) {
   if (cur.state !== OperationState.SUCCEEDED)
     throw new Error(`${cur.kind} ${cur.target}: ${cur.error?.message}`);
   return cur;
+}
+
+/** Clients of a coordinator's services (long deadlines: TCG guests are slow). */
+export function coordinatorClients(socket) {
+  const services = {
+    envs: EnvironmentService,
+    ops: OperationService,
+    tree: ResourceService,
+    agents: AgentService,
+  };
+  const client = (service) => createDaemonClient(service, { socket, timeoutMs: 120_000 });
+  return Object.fromEntries(Object.entries(services).map(([k, service]) => [k, client(service)]));
+}
+
+/** Waits for a coordinator operation to end (WaitOperation, `timeoutMs` a call); throws unless it succeeded. */
+export async function coordFinished(c, op, timeoutMs = 60_000) {
+  let cur = op;
+  while ([CoordOpState.PENDING, CoordOpState.RUNNING, CoordOpState.ROLLING_BACK].includes(cur.state))
+    cur = await c.ops.waitOperation({ name: op.name, timeout: durationFromMs(timeoutMs) });
+  if (cur.state !== CoordOpState.SUCCEEDED)
+    throw new Error(`${cur.kind} ${cur.target} ended ${CoordOpState[cur.state]}: ${cur.error?.message}`);
+  return cur;
+}
+
+/** Registers agents (each `{ name, address }`) with the coordinator under their names; waits until READY. */
+async function registerAgents(c, agents) {
+  for (const a of agents) await c.agents.registerAgent({ agentId: a.name, agent: { address: a.address } });
+  for (const a of agents) {
+    for (let i = 0; (await c.agents.getAgent({ name: `agents/${a.name}` })).state !== AgentState.READY; i++) {
+      if (i > 300) throw new Error(`agents/${a.name} not READY after 30 s`);
+      await sleep(100);
+    }
+  }
+}
+
+/**
+ * Agents a1, a2 … under dir/<name> listening on loopback TCP too (`{ name, dir, address, socket, … }`),
+ * and unless `coordArgs` is null a coordinator under dir/coord (`coordArgs` added) with them registered
+ * and READY (`coord`, and its clients `c`). Each process is pushed to `daemons` as it starts (for
+ * teardown).
+ */
+export async function startFleet(dir, daemons, { agents: n = 2, coordArgs = [] } = {}) {
+  const agents = [];
+  for (let i = 1; i <= n; i++) {
+    const name = `a${i}`;
+    const agent = startAgent(join(dir, name), ["--listen", "127.0.0.1:0"]);
+    daemons.push(agent);
+    agents.push({ ...agent, name, dir: join(dir, name), address: tcpAddressOf(await agent.ready) });
+  }
+  if (coordArgs === null) return { agents };
+  const coord = startCoordinator(join(dir, "coord"), coordArgs);
+  daemons.push(coord);
+  await coord.ready;
+  const c = coordinatorClients(coord.socket);
+  await registerAgents(c, agents);
+  return { agents, coord, c };
 }

@@ -5,7 +5,8 @@
  * 1. **Expired reservations**: a claim (`claim/{op}.{member}`) past its deadline whose operation is
  *    final or gone is released — its usage given back to the tree and the agent, the claim deleted, and
  *    the member it held room for (never confirmed: it has no VM) dropped from its environment record —
- *    in one transaction.
+ *    in one transaction. A migration's claim (`migrationFrom`) charged only its destination agent: the
+ *    charge goes back to that agent, the member stays where it runs.
  * 2. **VMs (and volumes) nobody owns**: on every agent that is not DOWN, a VM or volume carrying the
  *    coordinator's labels whose environment has no such member on that agent, and whose environment no
  *    operation holds (its lock is free), is deleted.
@@ -90,6 +91,14 @@ export class Collector {
         const usage = usageFromStore(cur.usage);
         const e = await readEnv(tx, cur.env);
         const m = e?.members.find((x) => x.id === cur.member);
+        const from = (cur as ClaimRecord & { migrationFrom?: string }).migrationFrom;
+        if (from) {
+          // A migration's claim charged only the destination agent (the tree already counts the
+          // member). Unless the member was switched there, the destination's room goes back.
+          if (m?.agent !== cur.agent) await this.deps.fleet.release(tx, cur.agent, usage);
+          tx.del(key);
+          return m?.agent !== cur.agent;
+        }
         if (e && m?.vm) {
           // Confirmed after all (its VM exists): the member holds the room now; only the claim goes.
           tx.del(key);

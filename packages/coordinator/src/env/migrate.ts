@@ -463,6 +463,9 @@ export function migrateKind(deps: EnvDeps): OperationKind {
       description: `start ${id} on its destination`,
       async run(ctx) {
         const to = destOrThrow(ctx.op);
+        // Run again after a crash that followed the destination's start: the member only goes forward
+        // now, even if the destination died since (its failure detection takes it from there).
+        if (finished(ctx.op, id)) return;
         progress(ctx, 92, `starting ${id} on agents/${to}`);
         const a = target(deps, ctx, to);
         const vm = await getVm(a, env, id);

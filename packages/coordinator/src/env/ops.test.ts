@@ -377,6 +377,38 @@ describe("environment operations over fake agents", () => {
     expect(collector.counters).toMatchObject({ claimsReleased: 1, vmsRemoved: 1 });
   });
 
+  it("collects a migration's expired claim: the destination's room goes back, the member stays", async () => {
+    const t = await setup();
+    expect((await t.run("environment.create", createInput([member("a-1", "a")]))).state).toBe("succeeded");
+    const before = await t.env();
+    const src = before?.members[0]?.agent as string;
+    const dst = src === "a1" ? "a2" : "a1";
+    const alloc = async (id: string) => usageFromStore(await t.store.get<StoredUsage>(keys.alloc(id))).vms;
+    // A migration that died with its claim on the destination charged (only the agent, not the tree).
+    const u = { vms: 1, vcpus: 1, memoryBytes: 128n * MIB, blockBytes: 0n, gpus: 0, gpuMemoryBytes: 0n };
+    await t.store.transact(async (tx) => {
+      await t.deps.fleet.charge(tx, dst, u);
+      tx.put(keys.claim("gone.a-1"), {
+        op: "gone",
+        env: "shop",
+        member: "a-1",
+        agent: dst,
+        node: "acme",
+        usage: usageToStore(u),
+        deadlineMs: 0,
+        migrationFrom: src,
+      });
+    });
+    expect([await alloc(src), await alloc(dst)]).toEqual([1, 1]);
+    const collector = new Collector(t.deps);
+    await collector.collectClaims();
+    expect([await alloc(src), await alloc(dst)]).toEqual([1, 0]);
+    expect((await t.usage()).vms).toBe(1);
+    expect(await t.store.list(keys.claimPrefix)).toEqual([]);
+    expect((await t.env())?.members.map((m) => [m.id, m.agent])).toEqual([["a-1", src]]);
+    expect(collector.counters.claimsReleased).toBe(1);
+  });
+
   it("marks members of a DOWN agent LOST and back, the balancer's upstreams following", async () => {
     const t = await setup();
     const op = await t.run(
