@@ -1,19 +1,11 @@
-import { create, type Message } from "@bufbuild/protobuf";
-import { anyPack } from "@bufbuild/protobuf/wkt";
+import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
-  type Operation as AgentOperation,
-  OperationSchema as AgentOperationSchema,
-  OperationState as AgentOpState,
-  type Vm,
   VmMigrationPhase,
   VmMigrationProgressSchema,
   VmMigrationTargetSchema,
   VmSchema,
   VmState,
-  type Volume,
-  VolumeSchema,
-  VolumeState,
 } from "@vmenv/api/agent/v1";
 import { MemberSchema } from "@vmenv/api/coordinator/v1";
 import pino from "pino";
@@ -29,7 +21,6 @@ import {
 import { DRAIN_KIND, type DrainInput, drainKind, membersOn } from "../fleet/drain.js";
 import type { AgentView } from "../fleet/fleet.js";
 import { OperationEngine } from "../ops/engine.js";
-import type { AgentClients } from "../ports.js";
 import { keys } from "../store/keys.js";
 import { memoryStore } from "../store/memory.js";
 import type { JsonValue, Txn } from "../store/store.js";
@@ -44,6 +35,7 @@ import {
 } from "./migrate.js";
 import type { EnvRecord, MemberRecord } from "./model.js";
 import { type CreateInput, type EnvDeps, environmentKinds } from "./ops.js";
+import { FakeAgent as BaseFakeAgent } from "./testing/fake-agent.js";
 
 const MIB = 1024n * 1024n;
 
@@ -52,86 +44,34 @@ const MIB = 1024n * 1024n;
  * MIGRATING, MigrateVm leaves the source paused in MIGRATING (progress as metadata), FinishVmMigration
  * runs the destination, ResumeVm rolls the source back. `fail` makes one call fail.
  */
-class FakeAgent {
-  readonly vms = new Map<string, Vm>();
-  readonly volumes = new Map<string, Volume>();
-  readonly ops = new Map<string, AgentOperation>();
+class FakeAgent extends BaseFakeAgent {
   readonly fail = new Set<string>();
   cancelled: string[] = [];
-  #n = 0;
-  constructor(readonly id: string) {}
-  #op(kind: string, target: string, opts: { error?: string; result?: Message; metadata?: Message } = {}) {
-    const op = create(AgentOperationSchema, {
-      name: `operations/${this.id}-${++this.#n}`,
-      kind,
-      target,
-      state: opts.error ? AgentOpState.FAILED : AgentOpState.SUCCEEDED,
-      ...(opts.error ? { error: { code: Code.Aborted, message: opts.error } } : {}),
-      ...(opts.result ? { result: anyPack(VmMigrationTargetSchema, opts.result as never) } : {}),
-      ...(opts.metadata ? { metadata: anyPack(VmMigrationProgressSchema, opts.metadata as never) } : {}),
-    });
-    this.ops.set(op.name, op);
-    return op;
-  }
-  #vm(name: string): Vm {
-    const vm = this.vms.get(name);
-    if (!vm) throw new ConnectError(`${name} not found`, Code.NotFound);
-    return vm;
-  }
-  /** VMs that run (the guest executes) here. */
-  running(): string[] {
-    return [...this.vms.values()].filter((v) => v.state === VmState.RUNNING).map((v) => v.name);
-  }
-  clients(): AgentClients {
-    const vms = {
-      getVm: async (r: { name: string }) => this.#vm(r.name),
-      listVms: async () => ({ vms: [...this.vms.values()], nextPageToken: "" }),
-      createVm: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
-        const name = `vms/${r.vmId}`;
-        if (!this.vms.has(name))
-          this.vms.set(
-            name,
-            create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.STOPPED, etag: "1" }),
-          );
-        return this.#op("vm.create", name);
-      },
-      startVm: async (r: { name: string }) => {
-        this.#vm(r.name).state = VmState.RUNNING;
-        return this.#op("vm.start", r.name);
-      },
-      stopVm: async (r: { name: string }) => {
-        this.#vm(r.name).state = VmState.STOPPED;
-        return this.#op("vm.stop", r.name);
-      },
-      resumeVm: async (r: { name: string }) => {
-        const vm = this.#vm(r.name);
-        vm.state = VmState.RUNNING;
-        return vm;
-      },
+  protected override vmMethods(): Record<string, unknown> {
+    const base = super.vmMethods() as { deleteVm: (r: { name: string }) => Promise<unknown> };
+    return {
+      ...base,
       deleteVm: async (r: { name: string }) => {
         if (this.fail.has("deleteVm")) throw new ConnectError("disk on fire", Code.Internal);
-        this.vms.delete(r.name);
-        return this.#op("vm.delete", r.name);
-      },
-      updateVm: async (r: { vm: { name: string; labels: Record<string, string> } }) => {
-        const vm = this.#vm(r.vm.name);
-        vm.labels = { ...r.vm.labels };
-        return vm;
+        return base.deleteVm(r);
       },
       prepareVmMigration: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
         const name = `vms/${r.vmId}`;
         if (this.fail.has("prepare")) throw new ConnectError("no incoming VMM", Code.FailedPrecondition);
         this.vms.set(name, create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.MIGRATING }));
-        return this.#op("vm.prepare_migration", name, {
+        return this.op("vm.prepare_migration", name, {
           result: create(VmMigrationTargetSchema, { vm: name, migrationUri: `tcp:${this.id}:4444` }),
         });
       },
       migrateVm: async (r: { name: string; migrationUri: string }) => {
-        const vm = this.#vm(r.name);
+        const vm = this.vm(r.name);
         if (this.fail.has("migrate"))
-          return this.#op("vm.migrate", r.name, { error: "the destination closed the stream" });
+          return this.op("vm.migrate", r.name, {
+            error: "the destination closed the stream",
+            errorCode: Code.Aborted,
+          });
         vm.state = VmState.MIGRATING;
-        return this.#op("vm.migrate", r.name, {
+        return this.op("vm.migrate", r.name, {
           metadata: create(VmMigrationProgressSchema, {
             phase: VmMigrationPhase.COMPLETED,
             memoryTransferredBytes: 128n * MIB,
@@ -140,54 +80,28 @@ class FakeAgent {
         });
       },
       finishVmMigration: async (r: { name: string }) => {
-        if (this.fail.has("finish")) return this.#op("vm.finish_migration", r.name, { error: "VMM died" });
+        if (this.fail.has("finish"))
+          return this.op("vm.finish_migration", r.name, { error: "VMM died", errorCode: Code.Aborted });
         if (this.fail.has("finish-after-start")) {
-          this.#vm(r.name).state = VmState.RUNNING;
-          return this.#op("vm.finish_migration", r.name, { error: "lost the answer" });
+          this.vm(r.name).state = VmState.RUNNING;
+          return this.op("vm.finish_migration", r.name, {
+            error: "lost the answer",
+            errorCode: Code.Aborted,
+          });
         }
-        this.#vm(r.name).state = VmState.RUNNING;
-        return this.#op("vm.finish_migration", r.name);
+        this.vm(r.name).state = VmState.RUNNING;
+        return this.op("vm.finish_migration", r.name);
       },
     };
-    const blocks = {
-      getVolume: async (r: { name: string }) => {
-        const v = this.volumes.get(r.name);
-        if (!v) throw new ConnectError(`${r.name} not found`, Code.NotFound);
-        return v;
-      },
-      listVolumes: async () => ({ volumes: [...this.volumes.values()], nextPageToken: "" }),
-      listStores: async () => ({ stores: [], nextPageToken: "" }),
-      createVolume: async (r: {
-        volumeId: string;
-        volume: { sizeBytes: bigint; labels: Record<string, string> };
-      }) => {
-        const name = `volumes/${r.volumeId}`;
-        if (!this.volumes.has(name))
-          this.volumes.set(
-            name,
-            create(VolumeSchema, {
-              name,
-              sizeBytes: r.volume.sizeBytes,
-              labels: { ...r.volume.labels },
-              state: VolumeState.READY,
-            }),
-          );
-        return this.#op("volume.create", name);
-      },
-      deleteVolume: async (r: { name: string }) => {
-        this.volumes.delete(r.name);
-        return this.#op("volume.delete", r.name);
-      },
-    };
-    const diagnostics = {
-      getOperation: async (r: { name: string }) => this.ops.get(r.name),
-      waitOperation: async (r: { name: string }) => this.ops.get(r.name),
+  }
+  protected override diagnosticsMethods(): Record<string, unknown> {
+    return {
+      ...super.diagnosticsMethods(),
       cancelOperation: async (r: { name: string }) => {
         this.cancelled.push(r.name);
         throw new ConnectError("finished", Code.FailedPrecondition);
       },
     };
-    return { vms, blocks, diagnostics, host: {}, networks: {} } as unknown as AgentClients;
   }
 }
 

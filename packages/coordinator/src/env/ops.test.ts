@@ -1,15 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
-import {
-  OperationSchema as AgentOperationSchema,
-  OperationState as AgentOpState,
-  type Vm,
-  VmSchema,
-  VmState,
-  type Volume,
-  VolumeSchema,
-  VolumeState,
-} from "@vmenv/api/agent/v1";
+import { VmSchema } from "@vmenv/api/agent/v1";
 import { MemberSchema } from "@vmenv/api/coordinator/v1";
 import pino from "pino";
 import { describe, expect, it } from "vitest";
@@ -24,7 +14,6 @@ import {
 import type { AgentView } from "../fleet/fleet.js";
 import { OperationEngine } from "../ops/engine.js";
 import type { OpRecord } from "../ops/types.js";
-import type { AgentClients } from "../ports.js";
 import { keys } from "../store/keys.js";
 import { memoryStore } from "../store/memory.js";
 import type { Txn } from "../store/store.js";
@@ -34,114 +23,9 @@ import { memberFromPb } from "./convert.js";
 import { MemberEvents } from "./events.js";
 import type { EnvRecord, MemberRecord } from "./model.js";
 import { type CreateInput, type EnvDeps, environmentKinds } from "./ops.js";
+import { FakeAgent } from "./testing/fake-agent.js";
 
 const MIB = 1024n * 1024n;
-
-/** An agent in memory: VMs and volumes in maps, every operation done at once; `log` lists effects. */
-class FakeAgent {
-  readonly vms = new Map<string, Vm>();
-  readonly volumes = new Map<string, Volume>();
-  readonly log: string[] = [];
-  failCreateVm = false;
-  #n = 0;
-  constructor(readonly id: string) {}
-  #op(kind: string, target: string, error?: string) {
-    return create(AgentOperationSchema, {
-      name: `operations/${this.id}-${++this.#n}`,
-      kind,
-      target,
-      state: error ? AgentOpState.FAILED : AgentOpState.SUCCEEDED,
-      ...(error ? { error: { code: Code.Internal, message: error } } : {}),
-    });
-  }
-  #vm(name: string): Vm {
-    const vm = this.vms.get(name);
-    if (!vm) throw new ConnectError(`${name} not found`, Code.NotFound);
-    return vm;
-  }
-  clients(): AgentClients {
-    const ok = (x: unknown) => Promise.resolve(x);
-    const vms = {
-      getVm: async (r: { name: string }) => this.#vm(r.name),
-      listVms: async () => ({ vms: [...this.vms.values()], nextPageToken: "" }),
-      createVm: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
-        const name = `vms/${r.vmId}`;
-        if (this.failCreateVm) return this.#op("vm.create", name, "no room for the VMM");
-        if (!this.vms.has(name)) {
-          this.vms.set(
-            name,
-            create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.STOPPED, etag: "1" }),
-          );
-          this.log.push(`+${name}`);
-        }
-        return this.#op("vm.create", name);
-      },
-      startVm: async (r: { name: string }) => {
-        this.#vm(r.name).state = VmState.RUNNING;
-        return this.#op("vm.start", r.name);
-      },
-      stopVm: async (r: { name: string }) => {
-        this.#vm(r.name).state = VmState.STOPPED;
-        return this.#op("vm.stop", r.name);
-      },
-      pauseVm: async (r: { name: string }) => {
-        const vm = this.#vm(r.name);
-        vm.state = VmState.PAUSED;
-        return vm;
-      },
-      resumeVm: async (r: { name: string }) => {
-        const vm = this.#vm(r.name);
-        vm.state = VmState.RUNNING;
-        return vm;
-      },
-      deleteVm: async (r: { name: string }) => {
-        if (this.vms.delete(r.name)) this.log.push(`-${r.name}`);
-        return this.#op("vm.delete", r.name);
-      },
-      updateVm: async (r: { vm: { name: string; labels: Record<string, string> } }) => {
-        const vm = this.#vm(r.vm.name);
-        vm.labels = { ...r.vm.labels };
-        return vm;
-      },
-    };
-    const blocks = {
-      getVolume: async (r: { name: string }) => {
-        const v = this.volumes.get(r.name);
-        if (!v) throw new ConnectError(`${r.name} not found`, Code.NotFound);
-        return v;
-      },
-      listVolumes: async () => ({ volumes: [...this.volumes.values()], nextPageToken: "" }),
-      listStores: async () => ({ stores: [], nextPageToken: "" }),
-      createVolume: async (r: {
-        volumeId: string;
-        volume: { sizeBytes: bigint; labels: Record<string, string> };
-      }) => {
-        const name = `volumes/${r.volumeId}`;
-        if (!this.volumes.has(name)) {
-          this.volumes.set(
-            name,
-            create(VolumeSchema, {
-              name,
-              sizeBytes: r.volume.sizeBytes,
-              labels: { ...r.volume.labels },
-              state: VolumeState.READY,
-            }),
-          );
-          this.log.push(`+${name}`);
-        }
-        return this.#op("volume.create", name);
-      },
-      deleteVolume: async (r: { name: string }) => {
-        if (this.volumes.delete(r.name)) this.log.push(`-${r.name}`);
-        return this.#op("volume.delete", r.name);
-      },
-    };
-    const diagnostics = {
-      waitOperation: async (r: { name: string }) => ok({ name: r.name, state: AgentOpState.SUCCEEDED }),
-    };
-    return { vms, blocks, diagnostics, host: {}, networks: {} } as unknown as AgentClients;
-  }
-}
 
 const capacity = { vcpus: 8, memoryBytes: 4096n * MIB, gpus: 0, gpuMemoryBytes: 0n };
 

@@ -1,16 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError } from "@connectrpc/connect";
-import {
-  OperationSchema as AgentOperationSchema,
-  OperationState as AgentOpState,
-  type Vm,
-  VmSchema,
-  VmState,
-  type Volume,
-  VolumeSchema,
-  VolumeState,
-} from "@vmenv/api/agent/v1";
+import { VmState } from "@vmenv/api/agent/v1";
 import { MemberSchema, RescheduleMode } from "@vmenv/api/coordinator/v1";
 import pino from "pino";
 import { describe, expect, it } from "vitest";
@@ -26,7 +16,6 @@ import { checkEvacuable, EVACUATE_KIND, evacuateKind } from "../fleet/evacuate.j
 import { Fencer } from "../fleet/fencing.js";
 import type { AgentView } from "../fleet/fleet.js";
 import { OperationEngine } from "../ops/engine.js";
-import type { AgentClients } from "../ports.js";
 import { keys } from "../store/keys.js";
 import { memoryStore } from "../store/memory.js";
 import type { Txn } from "../store/store.js";
@@ -36,87 +25,9 @@ import { MemberEvents } from "./events.js";
 import type { EnvRecord, MemberRecord } from "./model.js";
 import { type CreateInput, environmentKinds } from "./ops.js";
 import { type RescheduleDeps, Rescheduler, rescheduleKind, reschedulePolicy } from "./reschedule.js";
+import { FakeAgent } from "./testing/fake-agent.js";
 
 const MIB = 1024n * 1024n;
-
-/** An agent in memory; every operation done at once. */
-class FakeAgent {
-  readonly vms = new Map<string, Vm>();
-  readonly volumes = new Map<string, Volume>();
-  #n = 0;
-  constructor(readonly id: string) {}
-  #op(kind: string, target: string) {
-    return create(AgentOperationSchema, {
-      name: `operations/${this.id}-${++this.#n}`,
-      kind,
-      target,
-      state: AgentOpState.SUCCEEDED,
-    });
-  }
-  #vm(name: string): Vm {
-    const vm = this.vms.get(name);
-    if (!vm) throw new ConnectError(`${name} not found`, Code.NotFound);
-    return vm;
-  }
-  clients(): AgentClients {
-    const vms = {
-      getVm: async (r: { name: string }) => this.#vm(r.name),
-      listVms: async () => ({ vms: [...this.vms.values()], nextPageToken: "" }),
-      createVm: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
-        const name = `vms/${r.vmId}`;
-        if (!this.vms.has(name))
-          this.vms.set(name, create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.STOPPED }));
-        return this.#op("vm.create", name);
-      },
-      startVm: async (r: { name: string }) => {
-        this.#vm(r.name).state = VmState.RUNNING;
-        return this.#op("vm.start", r.name);
-      },
-      deleteVm: async (r: { name: string }) => {
-        this.vms.delete(r.name);
-        return this.#op("vm.delete", r.name);
-      },
-      updateVm: async (r: { vm: { name: string; labels: Record<string, string> } }) => {
-        const vm = this.#vm(r.vm.name);
-        vm.labels = { ...r.vm.labels };
-        return vm;
-      },
-    };
-    const blocks = {
-      getVolume: async (r: { name: string }) => {
-        const v = this.volumes.get(r.name);
-        if (!v) throw new ConnectError(`${r.name} not found`, Code.NotFound);
-        return v;
-      },
-      listVolumes: async () => ({ volumes: [...this.volumes.values()], nextPageToken: "" }),
-      createVolume: async (r: {
-        volumeId: string;
-        volume: { sizeBytes: bigint; labels: Record<string, string> };
-      }) => {
-        const name = `volumes/${r.volumeId}`;
-        if (!this.volumes.has(name))
-          this.volumes.set(
-            name,
-            create(VolumeSchema, {
-              name,
-              sizeBytes: r.volume.sizeBytes,
-              labels: { ...r.volume.labels },
-              state: VolumeState.READY,
-            }),
-          );
-        return this.#op("volume.create", name);
-      },
-      deleteVolume: async (r: { name: string }) => {
-        this.volumes.delete(r.name);
-        return this.#op("volume.delete", r.name);
-      },
-    };
-    const diagnostics = {
-      waitOperation: async (r: { name: string }) => ({ name: r.name, state: AgentOpState.SUCCEEDED }),
-    };
-    return { vms, blocks, diagnostics, host: {}, networks: {} } as unknown as AgentClients;
-  }
-}
 
 const capacity = { vcpus: 8, memoryBytes: 4096n * MIB, gpus: 0, gpuMemoryBytes: 0n };
 

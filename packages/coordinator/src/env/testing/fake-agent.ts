@@ -1,0 +1,157 @@
+import { create, type Message } from "@bufbuild/protobuf";
+import { anyPack } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import {
+  type Operation as AgentOperation,
+  OperationSchema as AgentOperationSchema,
+  OperationState as AgentOpState,
+  type Vm,
+  VmMigrationProgressSchema,
+  VmMigrationTargetSchema,
+  VmSchema,
+  VmState,
+  type Volume,
+  VolumeSchema,
+  VolumeState,
+} from "@vmenv/api/agent/v1";
+import type { AgentClients } from "../../ports.js";
+
+/**
+ * An agent in memory for the environment unit tests: VMs and volumes in maps, every operation done at
+ * once (and kept, so WaitOperation returns it as it ended); `log` lists the creations and deletions.
+ * `failCreateVm` makes CreateVm's operation fail.
+ */
+export class FakeAgent {
+  readonly vms = new Map<string, Vm>();
+  readonly volumes = new Map<string, Volume>();
+  readonly ops = new Map<string, AgentOperation>();
+  readonly log: string[] = [];
+  failCreateVm = false;
+  #n = 0;
+  constructor(readonly id: string) {}
+
+  /** Records a finished agent operation: failed with `error`, or succeeded with `result`/`metadata`. */
+  protected op(
+    kind: string,
+    target: string,
+    opts: { error?: string; errorCode?: Code; result?: Message; metadata?: Message } = {},
+  ): AgentOperation {
+    const op = create(AgentOperationSchema, {
+      name: `operations/${this.id}-${++this.#n}`,
+      kind,
+      target,
+      state: opts.error ? AgentOpState.FAILED : AgentOpState.SUCCEEDED,
+      ...(opts.error ? { error: { code: opts.errorCode ?? Code.Internal, message: opts.error } } : {}),
+      ...(opts.result ? { result: anyPack(VmMigrationTargetSchema, opts.result as never) } : {}),
+      ...(opts.metadata ? { metadata: anyPack(VmMigrationProgressSchema, opts.metadata as never) } : {}),
+    });
+    this.ops.set(op.name, op);
+    return op;
+  }
+
+  protected vm(name: string): Vm {
+    const vm = this.vms.get(name);
+    if (!vm) throw new ConnectError(`${name} not found`, Code.NotFound);
+    return vm;
+  }
+
+  /** VMs that run (the guest executes) here. */
+  running(): string[] {
+    return [...this.vms.values()].filter((v) => v.state === VmState.RUNNING).map((v) => v.name);
+  }
+
+  protected vmMethods(): Record<string, unknown> {
+    return {
+      getVm: async (r: { name: string }) => this.vm(r.name),
+      listVms: async () => ({ vms: [...this.vms.values()], nextPageToken: "" }),
+      createVm: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
+        const name = `vms/${r.vmId}`;
+        if (this.failCreateVm) return this.op("vm.create", name, { error: "no room for the VMM" });
+        if (!this.vms.has(name)) {
+          this.vms.set(
+            name,
+            create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.STOPPED, etag: "1" }),
+          );
+          this.log.push(`+${name}`);
+        }
+        return this.op("vm.create", name);
+      },
+      startVm: async (r: { name: string }) => {
+        this.vm(r.name).state = VmState.RUNNING;
+        return this.op("vm.start", r.name);
+      },
+      stopVm: async (r: { name: string }) => {
+        this.vm(r.name).state = VmState.STOPPED;
+        return this.op("vm.stop", r.name);
+      },
+      pauseVm: async (r: { name: string }) => {
+        const vm = this.vm(r.name);
+        vm.state = VmState.PAUSED;
+        return vm;
+      },
+      resumeVm: async (r: { name: string }) => {
+        const vm = this.vm(r.name);
+        vm.state = VmState.RUNNING;
+        return vm;
+      },
+      deleteVm: async (r: { name: string }) => {
+        if (this.vms.delete(r.name)) this.log.push(`-${r.name}`);
+        return this.op("vm.delete", r.name);
+      },
+      updateVm: async (r: { vm: { name: string; labels: Record<string, string> } }) => {
+        const vm = this.vm(r.vm.name);
+        vm.labels = { ...r.vm.labels };
+        return vm;
+      },
+    };
+  }
+
+  protected diagnosticsMethods(): Record<string, unknown> {
+    return {
+      getOperation: async (r: { name: string }) => this.ops.get(r.name),
+      waitOperation: async (r: { name: string }) => this.ops.get(r.name),
+    };
+  }
+
+  clients(): AgentClients {
+    const blocks = {
+      getVolume: async (r: { name: string }) => {
+        const v = this.volumes.get(r.name);
+        if (!v) throw new ConnectError(`${r.name} not found`, Code.NotFound);
+        return v;
+      },
+      listVolumes: async () => ({ volumes: [...this.volumes.values()], nextPageToken: "" }),
+      listStores: async () => ({ stores: [], nextPageToken: "" }),
+      createVolume: async (r: {
+        volumeId: string;
+        volume: { sizeBytes: bigint; labels: Record<string, string> };
+      }) => {
+        const name = `volumes/${r.volumeId}`;
+        if (!this.volumes.has(name)) {
+          this.volumes.set(
+            name,
+            create(VolumeSchema, {
+              name,
+              sizeBytes: r.volume.sizeBytes,
+              labels: { ...r.volume.labels },
+              state: VolumeState.READY,
+            }),
+          );
+          this.log.push(`+${name}`);
+        }
+        return this.op("volume.create", name);
+      },
+      deleteVolume: async (r: { name: string }) => {
+        if (this.volumes.delete(r.name)) this.log.push(`-${r.name}`);
+        return this.op("volume.delete", r.name);
+      },
+    };
+    return {
+      vms: this.vmMethods(),
+      blocks,
+      diagnostics: this.diagnosticsMethods(),
+      host: {},
+      networks: {},
+    } as unknown as AgentClients;
+  }
+}
