@@ -113,13 +113,13 @@ describe("agent interop: independent clients reach HostService", () => {
         `http://${agent.address}/vmenv.agent.v1.NetworkService/${method}`,
       ]);
     const r = await call("CreateNetwork", {
-      networkId: "uplinked",
-      network: { cidr: "10.213.7.0/24", uplink: "eth0" },
+      networkId: "masqueraded",
+      network: { cidr: "10.213.7.0/24", masquerade: true },
     });
     const j = JSON.parse(r.stdout) as { code: string; message: string };
     expect(j.code).toBe("unimplemented");
-    expect(j.message).toMatch(/^network\.uplink is not implemented yet: .+/);
-    const g = JSON.parse((await call("GetNetwork", { name: "networks/uplinked" })).stdout) as {
+    expect(j.message).toMatch(/^network\.masquerade is not implemented yet: .+/);
+    const g = JSON.parse((await call("GetNetwork", { name: "networks/masqueraded" })).stdout) as {
       code: string;
     };
     expect(g.code).toBe("not_found");

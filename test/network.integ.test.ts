@@ -412,6 +412,67 @@ describe("network service on real bridges and taps", () => {
     await c.deleteNetwork({ name: net.name });
   });
 
+  it("joins a host interface to a network as its uplink, refuses one it cannot use, and leaves it on delete", async () => {
+    const [c1, c2, c3] = nets as [string, string, string];
+    // A veth pair stands for the host's interface to the shared segment (deleting one end deletes both).
+    const [up, peer] = [`vu-${suffix}a`, `vu-${suffix}b`];
+    seen.add(up).add(peer);
+    await run("ip", ["link", "add", "name", up, "type", "veth", "peer", "name", peer]);
+    const uplinkOf = async () => (await ipJson<IpLink[]>(["link", "show", "dev", up]))[0];
+
+    const net = await c.createNetwork({ networkId: id("seg"), network: { cidr: c1, uplink: up } });
+    seen.add(net.bridgeName);
+    expect(net.uplink).toBe(up);
+    expect(net.gateway).toBe(c1.replace(/0\/24$/, "1"));
+    // The gateway is the segment's router: the bridge holds no address, the uplink is its port, up.
+    expect(await addrsOf(net.bridgeName)).toEqual([]);
+    expect(await uplinkOf()).toMatchObject({ master: net.bridgeName });
+    expect((await uplinkOf())?.flags).toContain("UP");
+    const port = await m.allocate(net.name, "vm-a", "eth0", {});
+    seen.add(port.tap);
+    expect(port.gateway).toBe(net.gateway);
+    expect(await slavesOf(net.bridgeName)).toEqual([port.tap, up].sort());
+
+    // Refusals: each names the uplink, and none leaves a bridge or a record behind.
+    const refusals: [string, Record<string, unknown>, Code, string][] = [
+      [id("two"), { cidr: c2, uplink: up }, Code.FailedPrecondition, "UPLINK_IN_USE"],
+      [id("two"), { cidr: c2, uplink: `vu-${suffix}z` }, Code.FailedPrecondition, "UPLINK_NOT_FOUND"],
+      [id("two"), { cidr: c2, uplink: "lo" }, Code.FailedPrecondition, "UPLINK_UNUSABLE"],
+      [id("two"), { cidr: c2, uplink: net.bridgeName }, Code.InvalidArgument, "INVALID_ARGUMENT"],
+      [id("two"), { cidr: c2, uplink: "eth0;reboot" }, Code.InvalidArgument, "INVALID_INTERFACE_NAME"],
+      [id("two"), { cidr: c2, uplink: peer, vlanId: 7 }, Code.Unimplemented, "NOT_IMPLEMENTED"],
+      [id("two"), { cidr: c2, vlanId: 7 }, Code.InvalidArgument, "INVALID_ARGUMENT"],
+    ];
+    for (const [networkId, network, code, reason] of refusals) {
+      const e = await failure(c.createNetwork({ networkId, network }));
+      expect([network.uplink, e.code, e.reason]).toEqual([network.uplink, code, reason]);
+      if (network.uplink && code === Code.FailedPrecondition) expect(e.meta.uplink).toBe(network.uplink);
+    }
+    // An interface with an address would be cut off by joining a bridge: refused, and it keeps it.
+    await run("ip", ["addr", "add", c3.replace(/0\/24$/, "9/24"), "dev", peer]);
+    const addressed = await failure(
+      c.createNetwork({ networkId: id("two"), network: { cidr: c2, uplink: peer } }),
+    );
+    expect(addressed).toMatchObject({ code: Code.FailedPrecondition, reason: "UPLINK_UNUSABLE" });
+    expect(addressed.message).toContain("IPv4 addresses");
+    expect(await addrsOf(peer)).toEqual([c3.replace(/0\/24$/, "9/24")]);
+    expect(await linkExists(bridgeNameFor(id("two")))).toBe(false);
+    expect((await c.listNetworks({})).networks.map((n) => n.name)).toEqual([net.name]);
+
+    // Restart: an uplink taken off the bridge meanwhile is joined again.
+    await run("ip", ["link", "set", "dev", up, "nomaster"]);
+    await boot();
+    expect(await uplinkOf()).toMatchObject({ master: net.bridgeName });
+    expect((await c.getNetwork({ name: net.name })).uplink).toBe(up);
+
+    // Delete: the bridge goes, the host's interface stays, out of any bridge.
+    await m.release(net.name, "vm-a", "eth0");
+    await c.deleteNetwork({ name: net.name });
+    expect(await linkExists(net.bridgeName)).toBe(false);
+    expect(await uplinkOf()).toBeDefined();
+    expect((await uplinkOf())?.master).toBeUndefined();
+  });
+
   it("paginates networks", async () => {
     for (const [i, cidr] of nets.entries()) await createNet(`p${i}`, cidr);
     const first = await c.listNetworks({ pageSize: 2 });

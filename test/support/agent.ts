@@ -35,6 +35,8 @@ export async function startAgent(
     dir?: string;
     /** Run the agent (and so its VMMs, bridges, taps, nft table) in this network namespace. */
     netns?: string;
+    /** The TCP listen address (default 127.0.0.1:0); incoming migrations listen on its host too. */
+    listen?: string;
   } = {},
 ): Promise<RunningAgent> {
   const dir = opts.dir ?? (await mkdtemp(join(tmpdir(), "vmenv-agent-test-")));
@@ -49,7 +51,7 @@ export async function startAgent(
       "--socket",
       socket,
       "--listen",
-      "127.0.0.1:0",
+      opts.listen ?? "127.0.0.1:0",
       "--accelerator",
       "tcg",
       ...extraArgs,

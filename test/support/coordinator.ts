@@ -32,14 +32,20 @@ export interface RunningCoordinator {
 export async function startCoordinator(
   extraArgs: string[] = [],
   env: NodeJS.ProcessEnv = {},
-  opts: { dir?: string; keepDir?: boolean } = {},
+  opts: {
+    dir?: string;
+    keepDir?: boolean;
+    /** Run the coordinator in this network namespace (it reaches agents' TCP addresses from there). */
+    netns?: string;
+  } = {},
 ): Promise<RunningCoordinator> {
   const dir = opts.dir ?? (await mkdtemp(join(tmpdir(), "vmenv-coord-test-")));
   const socket = join(dir, "coordinator.sock");
   const dataDir = join(dir, "db");
+  const args = [coordinatorMain, "--data-dir", dataDir, "--socket", socket, "--listen", "127.0.0.1:0"];
   const proc = spawn(
-    process.execPath,
-    [coordinatorMain, "--data-dir", dataDir, "--socket", socket, "--listen", "127.0.0.1:0", ...extraArgs],
+    opts.netns ? "ip" : process.execPath,
+    [...(opts.netns ? ["netns", "exec", opts.netns, process.execPath] : []), ...args, ...extraArgs],
     { env: { ...process.env, ...env }, stdio: ["ignore", "ignore", "pipe"] },
   );
   let stderr = "";

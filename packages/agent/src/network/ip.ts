@@ -68,6 +68,8 @@ export interface LinkHost {
   setAlias(name: string, alias: string): Promise<void>;
   setMtu(name: string, mtu: number): Promise<void>;
   setMaster(name: string, master: string): Promise<void>;
+  /** Takes a link out of its bridge (`nomaster`). */
+  setNoMaster(name: string): Promise<void>;
   setUp(name: string): Promise<void>;
   setIsolated(name: string, on: boolean): Promise<void>;
   /** Removes a link; one that is gone already is a no-op. */
@@ -130,6 +132,10 @@ export class IpLinkHost implements LinkHost {
 
   async setMaster(name: string, master: string): Promise<void> {
     await this.#run(this.ip, ["link", "set", "dev", name, "master", master]);
+  }
+
+  async setNoMaster(name: string): Promise<void> {
+    await this.#run(this.ip, ["link", "set", "dev", name, "nomaster"]);
   }
 
   async setUp(name: string): Promise<void> {

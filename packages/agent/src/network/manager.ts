@@ -157,6 +157,11 @@ export class NetworkManager implements NicBackend {
           this.d.logger.error({ ...log, err }, "could not restore the bridge of a network");
           continue;
         }
+        // The guests on this host keep their bridge even when the uplink is gone.
+        if (n.uplink)
+          await this.#ensureUplink(n).catch((err: unknown) =>
+            this.d.logger.error({ ...log, uplink: n.uplink, err }, "could not join the uplink to the bridge"),
+          );
         for (const p of [...doc.ports]) {
           if (p.state === "creating" || p.state === "releasing") {
             await this.#removeOurLink(p.tap, this.#tapAlias(n.id, p.id), p.state === "creating");
@@ -239,19 +244,67 @@ export class NetworkManager implements NicBackend {
     if (l?.ifalias !== alias) await this.#host.setAlias(n.bridge, alias);
     if (l?.mtu !== n.mtu) await this.#host.setMtu(n.bridge, n.mtu);
     if (!l?.flags.includes("UP")) await this.#host.setUp(n.bridge);
+    // With an uplink the gateway is the segment's router, not this host (see ADR 0019).
     const prefix = Number(n.cidr.split("/")[1]);
-    const addrs = await this.#host.addresses(n.bridge);
-    if (!addrs.some((a) => a.local === n.gateway && a.prefixlen === prefix))
+    const addrs = n.uplink ? [] : await this.#host.addresses(n.bridge);
+    if (!n.uplink && !addrs.some((a) => a.local === n.gateway && a.prefixlen === prefix))
       await this.#host.addAddress(n.bridge, n.gateway, prefix);
     l = await this.#host.link(n.bridge);
-    const after = await this.#host.addresses(n.bridge);
+    const after = n.uplink ? [] : await this.#host.addresses(n.bridge);
     if (
       l?.kind !== "bridge" ||
       l.ifalias !== alias ||
       !l.flags.includes("UP") ||
-      !after.some((a) => a.local === n.gateway)
+      (!n.uplink && !after.some((a) => a.local === n.gateway))
     )
       throw new Error(`bridge ${n.bridge} of networks/${n.id} is not as it should be after setting it up`);
+  }
+
+  /** Why `uplink` cannot join networks/`id`, or undefined when it can (measured on the host). */
+  async #uplinkRefusal(id: string, uplink: string, bridge: string): Promise<VmenvError | undefined> {
+    const meta = { uplink, network: `networks/${id}` };
+    for (const d of this.#docs.values())
+      if (d.network.uplink === uplink && d.network.id !== id)
+        return failedPrecondition(
+          `uplink ${uplink} already joins networks/${d.network.id} to its segment; an interface can be the uplink of one network`,
+          "UPLINK_IN_USE",
+          { ...meta, other_network: `networks/${d.network.id}` },
+        );
+    const l = await this.#host.link(uplink);
+    if (!l)
+      return failedPrecondition(
+        `uplink ${uplink} is not an interface of this host`,
+        "UPLINK_NOT_FOUND",
+        meta,
+      );
+    if (l.master !== undefined && l.master !== bridge)
+      return failedPrecondition(`uplink ${uplink} is already a port of ${l.master}`, "UPLINK_IN_USE", {
+        ...meta,
+        master: l.master,
+      });
+    const why =
+      l.kind === "bridge"
+        ? "it is a bridge (give one of its ports, or an Ethernet, veth, bond or VLAN interface)"
+        : l.flags.includes("LOOPBACK")
+          ? "it is the loopback interface"
+          : (await this.#host.addresses(uplink)).length > 0
+            ? "it has IPv4 addresses, which would stop working once it is a bridge port (move them off first)"
+            : undefined;
+    return why
+      ? failedPrecondition(`uplink ${uplink} cannot join a bridge: ${why}`, "UPLINK_UNUSABLE", meta)
+      : undefined;
+  }
+
+  /** Makes the uplink a port of the network's bridge, up. */
+  async #ensureUplink(n: NetworkRecord): Promise<void> {
+    const refusal = await this.#uplinkRefusal(n.id, n.uplink, n.bridge);
+    if (refusal) throw refusal;
+    let l = await this.#host.link(n.uplink);
+    if (l?.master !== n.bridge) await this.#host.setMaster(n.uplink, n.bridge);
+    if (!l?.flags.includes("UP")) await this.#host.setUp(n.uplink);
+    l = await this.#host.link(n.uplink);
+    if (l?.master !== n.bridge || !l.flags.includes("UP"))
+      throw new Error(`uplink ${n.uplink} of networks/${n.id} is not on ${n.bridge} after joining it`);
   }
 
   async #ensureTap(n: NetworkRecord, p: PortRecord): Promise<void> {
@@ -289,13 +342,23 @@ export class NetworkManager implements NicBackend {
       throw invalidArgument("network.vlan_id", `${want.vlanId} is not a VLAN id (1 to 4094, or 0 for none)`);
     if (want.uplink) {
       checkIfname(want.uplink, "network.uplink");
-      throw unimplemented("network.uplink", "joining a network to a host interface is not built yet");
-    }
-    if (want.masquerade)
-      throw unimplemented(
-        "network.masquerade",
-        "masquerading needs a packet filter (nftables or iptables), and neither is installed on this host",
+      if (want.uplink.startsWith(BRIDGE_PREFIX) || want.uplink.startsWith(TAP_PREFIX))
+        throw invalidArgument(
+          "network.uplink",
+          `${want.uplink} is a bridge or tap of vmenv; the uplink is a host interface (Ethernet, veth, bond or VLAN interface)`,
+        );
+      if (want.vlanId)
+        throw unimplemented(
+          "network.vlan_id",
+          `tagging on the uplink is not built yet; give a VLAN interface the host already has (e.g. ${want.uplink}.${want.vlanId}) as the uplink instead`,
+        );
+    } else if (want.vlanId)
+      throw invalidArgument(
+        "network.vlan_id",
+        "a VLAN id tags traffic on the uplink: set network.uplink too",
       );
+    if (want.masquerade)
+      throw unimplemented("network.masquerade", "source-NAT to the host's address is not built yet");
     const mtu = want.mtu || DEFAULT_MTU;
     if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535)
       throw invalidArgument("network.mtu", `${want.mtu} is not an MTU (68 to 65535)`);
@@ -334,6 +397,7 @@ export class NetworkManager implements NicBackend {
         const asked = derived ? { ...spec, bridge: have.network.bridge } : spec;
         if (!sameNetworkSpec(specOf(have.network), asked)) throw alreadyExists("network", `networks/${id}`);
         await this.#ensureBridge(have.network);
+        if (have.network.uplink) await this.#ensureUplink(have.network);
         return this.#view(have);
       }
       for (const doc of this.#docs.values()) {
@@ -356,6 +420,10 @@ export class NetworkManager implements NicBackend {
       }
       const existing = await this.#host.link(spec.bridge);
       if (existing) throw this.#notOurs(spec.bridge, existing, "bridge", `networks/${id}`);
+      if (spec.uplink) {
+        const refusal = await this.#uplinkRefusal(id, spec.uplink, spec.bridge);
+        if (refusal) throw refusal;
+      }
 
       const record: NetworkRecord = {
         id,
@@ -373,6 +441,7 @@ export class NetworkManager implements NicBackend {
       await this.#records.save(doc);
       try {
         await this.#ensureBridge(record);
+        if (record.uplink) await this.#ensureUplink(record);
       } catch (err) {
         await this.#removeOurLink(record.bridge, this.#bridgeAlias(id), true).catch(() => undefined);
         await this.#records.remove(id);

@@ -59,6 +59,8 @@ export interface VmmMigration {
   stopExport(): Promise<void>;
   /** Destination: where the incoming migration is; `error` says why it failed. */
   incoming(): Promise<{ status: "waiting" | "active" | "completed" | "failed"; error?: string }>;
+  /** Waits at most `ms`, returning early when the migration's status changes (both ends). */
+  nextChange(ms: number): Promise<void>;
   /**
    * Source: sends the VM to `uri`, first mirroring `disks` into the NBD server at `storage` when given.
    * Resolves once the destination holds the complete state (the source is then paused, its disks

@@ -286,7 +286,7 @@ export class VmMigrations {
                 { vm: `vms/${id}` },
               );
             }
-            await new Promise((res) => setTimeout(res, 100));
+            await mig.nextChange(100);
           }
           await mig.stopExport();
           const ready = this.p.record(id).migration?.guestReadyTimeMs;

@@ -68,6 +68,11 @@ export interface MigrateInput {
   from: string;
   /** vmenv.agent.v1.MigrationSettings as protobuf JSON, or null. */
   settings: JsonValue;
+  /**
+   * Why, in words, when something other than a user asked (e.g. "rebalance: agents/a1 at 92% > 85%"):
+   * shown in the `select` step and in the moving member's state message.
+   */
+  reason?: string;
 }
 
 /** What `select` saved for each member to move. */
@@ -286,7 +291,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
             const mm = x.members.find((y) => y.id === id);
             if (mm && mm.agent === src) {
               mm.state = "MIGRATING";
-              mm.stateMessage = `moving to agents/${destination}`;
+              mm.stateMessage = `moving to agents/${destination}${inp.reason ? ` (${inp.reason})` : ""}`;
             }
           });
         });
@@ -400,11 +405,14 @@ export function migrateKind(deps: EnvDeps): OperationKind {
           opName = started.name;
           await ctx.recordAgentOperation(agentName(src), opName);
         }
-        // Poll for progress (copied into this operation), then take its end as waitAgentOp reports it.
+        // Wait for its end a second at a time, copying the progress into this operation meanwhile. The
+        // agent answers WaitOperation the moment the migration ends, and the guest is paused from then
+        // until `finish` starts it on the destination: no polling interval may stand in between.
         let lastSave = 0;
         for (;;) {
-          const cur = await a.clients.diagnostics.getOperation(
-            { name: opName },
+          const asked = deps.clock.now();
+          const cur = await a.clients.diagnostics.waitOperation(
+            { name: opName, timeout: durationFromMs(1000) },
             { timeoutMs: 10_000, signal: ctx.signal },
           );
           const p = progressOf(cur.metadata);
@@ -424,8 +432,11 @@ export function migrateKind(deps: EnvDeps): OperationKind {
             await waitAgentOp({ id: a.id, clients: a.clients, signal: ctx.signal }, cur);
             return;
           }
+          // An agent that answers at once while the migration runs (it does not wait): ask again later.
+          const waited = deps.clock.now() - asked;
+          if (waited >= 250) continue;
           await new Promise<void>((resolve, reject) => {
-            const timer = setTimeout(resolve, 500);
+            const timer = setTimeout(resolve, 250 - waited);
             ctx.signal.addEventListener(
               "abort",
               () => {
@@ -519,7 +530,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
       const steps: StepDef[] = [
         {
           id: "select",
-          description: "choose the members to move and their order",
+          description: `choose the members to move and their order${inp.reason ? ` (${inp.reason})` : ""}`,
           async run(ctx) {
             let moving = ctx.op.data.moving_members as Moving[] | undefined;
             if (!moving) {

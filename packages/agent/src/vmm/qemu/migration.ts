@@ -20,6 +20,9 @@ export interface QmpLike {
     args?: Record<string, unknown>,
     opts?: { timeoutMs?: number },
   ): Promise<T>;
+  /** QMP events, as QmpClient emits them (optional: without them the migration is only polled). */
+  on?(name: "event", listener: (e: { event: string }) => void): unknown;
+  off?(name: "event", listener: (e: { event: string }) => void): unknown;
 }
 
 interface BlockJob {
@@ -48,12 +51,37 @@ const mirrorOf = (disk: string) => `mig-${disk}`;
 export class QemuMigration implements VmmMigration {
   constructor(private readonly qmp: QmpLike) {}
 
+  /**
+   * Waits `ms`, or less: until QEMU reports a change of the migration's status (the `events`
+   * capability). The guest is paused from the end of the migration until the destination is started,
+   * so its end must be seen at once, not at the next poll.
+   */
+  nextChange(ms: number): Promise<void> {
+    const { on, off } = this.qmp;
+    if (!on || !off) return delay(ms);
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        off.call(this.qmp, "event", onEvent);
+        resolve();
+      };
+      const onEvent = (e: { event: string }) => {
+        if (e.event === "MIGRATION") done();
+      };
+      const timer = setTimeout(done, ms);
+      on.call(this.qmp, "event", onEvent);
+    });
+  }
+
   async listen(host: string): Promise<string> {
     // Post-copy needs the capability on both ends before the stream starts; a host without userfaultfd
     // refuses it, and then only pre-copy is possible.
     await this.qmp
       .execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }] })
       .catch(() => undefined);
+    await this.qmp.execute("migrate-set-capabilities", {
+      capabilities: [{ capability: "events", state: true }],
+    });
     await this.qmp.execute("migrate-incoming", { uri: `tcp:${uriHost(host)}:0` });
     const q = await this.qmp.execute<{ "socket-address"?: { type: string; host?: string; port?: string }[] }>(
       "query-migrate",
@@ -192,6 +220,7 @@ export class QemuMigration implements VmmMigration {
           { capability: "auto-converge", state: settings.autoConverge },
           { capability: "postcopy-ram", state: settings.postCopy },
           { capability: "pause-before-switchover", state: req.storage !== undefined },
+          { capability: "events", state: true },
         ],
       });
       await this.qmp.execute("migrate-set-parameters", {
@@ -246,7 +275,7 @@ export class QemuMigration implements VmmMigration {
             postcopy = true;
           }
         }
-        await delay(POLL_MS);
+        await this.nextChange(POLL_MS);
       }
     } catch (err) {
       await this.#rollBack(started, mirrors, req.wasRunning);
