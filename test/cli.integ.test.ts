@@ -1,8 +1,10 @@
+import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { cpus, hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { bridgeNameFor } from "../packages/agent/src/network/names.js";
 import { cliMain, type RunningAgent, repoRoot, run, startAgent } from "./support/agent.js";
 import { guestImage } from "./support/guest.js";
 import { until } from "./support/vm.js";
@@ -17,6 +19,19 @@ const noVmenvEnv: NodeJS.ProcessEnv = Object.fromEntries(
     .filter((k) => k.startsWith("VMENV_"))
     .map((k) => [k, undefined]),
 );
+
+/** The host's links, as `ip -j link show` has them. */
+const hostLinks = async () =>
+  JSON.parse((await run("ip", ["-j", "link", "show"])).stdout) as { ifname: string; mtu: number }[];
+
+/**
+ * The first three octets of `n` adjacent random /24s of 198.18.0.0/15 (benchmarking space, routed
+ * nowhere), so that parallel runs do not meet.
+ */
+function randomSubnets(n: number): string[] {
+  const first = randomBytes(2).readUInt16BE() % (512 - n);
+  return Array.from({ length: n }, (_, i) => `198.${18 + ((first + i) >> 8)}.${(first + i) & 255}`);
+}
 
 /** Runs `vmenv ...args` as a user would (never through a shell). */
 const vmenv = (args: string[], env: NodeJS.ProcessEnv = {}) =>
@@ -157,5 +172,118 @@ describe("vmenv CLI against a real agent", () => {
     expect((await vmenv([...sock, "vm", "list"])).stdout.trim()).toBe(
       "NAME  STATE  VCPUS  MEMORY  PID  UP  READY",
     );
+  });
+
+  it("creates, lists, gets and deletes a network, showing its ports and the agent's refusals", async () => {
+    const sock = ["--socket", agent.socket];
+    const id = `cli-${randomBytes(4).toString("hex")}`;
+    const bridge = bridgeNameFor(id);
+    const [net, other] = randomSubnets(2);
+    try {
+      const create = await vmenv([
+        ...sock,
+        "network",
+        "create",
+        id,
+        "--cidr",
+        `${net}.0/24`,
+        "--mtu",
+        "1400",
+        "--isolate-ports",
+        "--allow-peer",
+        `${id}-peer`,
+        "--label",
+        "tenant=acme",
+      ]);
+      expect(create.stderr).toBe("");
+      expect(create.code).toBe(0);
+      expect(create.stdout).toMatch(new RegExp(`^Name:\\s+networks/${id}$`, "m"));
+      expect(create.stdout).toMatch(new RegExp(`^Bridge:\\s+${bridge}$`, "m"));
+      expect(create.stdout).toMatch(new RegExp(`^Gateway:\\s+${net}\\.1 \\(on the host's bridge\\)$`, "m"));
+      expect(create.stdout).toMatch(/^Uplink:\s+none \(local to this host\)$/m);
+      expect(create.stdout).toMatch(/^Isolate ports:\s+yes$/m);
+      expect(create.stdout).toMatch(new RegExp(`^Allowed peers:\\s+networks/${id}-peer$`, "m"));
+      expect(create.stdout).toMatch(/^Labels:\s+tenant=acme$/m);
+      expect(create.stdout).toMatch(/^Ports:\s+0$/m);
+      // The bridge is real, with the MTU asked for.
+      expect((await hostLinks()).find((l) => l.ifname === bridge)?.mtu).toBe(1400);
+
+      const list = await vmenv([...sock, "network", "list"]);
+      expect(list.code).toBe(0);
+      expect(list.stdout).toMatch(/^NETWORK\s+BRIDGE\s+CIDR\s+GATEWAY\s+UPLINK\s+MTU\s+PORTS\s+FLAGS$/m);
+      expect(list.stdout).toMatch(
+        new RegExp(
+          `^${id}\\s+${bridge}\\s+${net}\\.0/24\\s+${net}\\.1\\s+-\\s+1400\\s+0\\s+isolate-ports peers=${id}-peer$`,
+          "m",
+        ),
+      );
+      const json = await vmenv([...sock, "-o", "json", "network", "list"]);
+      expect(json.code).toBe(0);
+      const { networks } = JSON.parse(json.stdout) as { networks: Record<string, unknown>[] };
+      expect(networks.find((n) => n.name === `networks/${id}`)).toMatchObject({
+        bridgeName: bridge,
+        cidr: `${net}.0/24`,
+        gateway: `${net}.1`,
+        mtu: 1400,
+        isolatePorts: true,
+        allowedPeers: [`networks/${id}-peer`],
+        labels: { tenant: "acme" },
+      });
+
+      // Either form of the name; the detail matches what create printed.
+      const get = await vmenv([...sock, "network", "get", `networks/${id}`]);
+      expect(get.code).toBe(0);
+      expect(get.stdout).toBe(create.stdout);
+
+      const ports = await vmenv([...sock, "network", "ports", id]);
+      expect(ports.code).toBe(0);
+      expect(ports.stdout.trim()).toBe("NETWORK  PORT  VM  NIC  TAP  MAC  ADDRESS  ACTIVE");
+      const all = await vmenv([...sock, "-o", "json", "network", "ports"]);
+      expect(all.code).toBe(0);
+      expect(JSON.parse(all.stdout)).toEqual({ ports: [] });
+
+      // Bad input is the agent's to judge; the user sees its error in one line and a failing exit.
+      const refused = await vmenv([
+        ...sock,
+        "network",
+        "create",
+        `${id}-up`,
+        "--cidr",
+        `${other}.0/24`,
+        "--uplink",
+        "vmenv-nope0",
+      ]);
+      expect(refused.code).toBe(1);
+      expect(refused.stdout).toBe("");
+      expect(refused.stderr).toBe(
+        `vmenv: FAILED_PRECONDITION: uplink vmenv-nope0 is not an interface of this host (reason UPLINK_NOT_FOUND, uplink=vmenv-nope0, network=networks/${id}-up)\n`,
+      );
+      expect((await hostLinks()).map((l) => l.ifname)).not.toContain(bridgeNameFor(`${id}-up`));
+      const badMtu = await vmenv([
+        ...sock,
+        "network",
+        "create",
+        `${id}-mtu`,
+        "--cidr",
+        "10.0.0.0/24",
+        "--mtu",
+        "big",
+      ]);
+      expect(badMtu.code).not.toBe(0);
+      expect(badMtu.stderr).toContain("option '--mtu <n>' argument 'big' is invalid. not a number.");
+
+      const del = await vmenv([...sock, "network", "delete", id]);
+      expect(del.stderr).toBe("");
+      expect(del.code).toBe(0);
+      expect(del.stdout).toBe(`deleted networks/${id}\n`);
+      expect((await hostLinks()).map((l) => l.ifname)).not.toContain(bridge);
+      const gone = await vmenv([...sock, "network", "get", id]);
+      expect(gone.code).toBe(1);
+      expect(gone.stderr).toMatch(/^vmenv: NOT_FOUND: .*\(reason NETWORK_NOT_FOUND/);
+      expect((await vmenv([...sock, "network", "delete", id])).code).toBe(1);
+      expect((await vmenv([...sock, "network", "delete", id, "--allow-missing"])).code).toBe(0);
+    } finally {
+      await vmenv([...sock, "network", "delete", id, "--allow-missing"]);
+    }
   });
 });

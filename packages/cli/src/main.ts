@@ -10,6 +10,7 @@ import { envCommands } from "./env.js";
 import { describeError } from "./errors.js";
 import { gpuCommands } from "./gpu.js";
 import { hostInfoTable } from "./host.js";
+import { networkCommands } from "./network.js";
 import { opCommands } from "./op.js";
 import { treeCommands } from "./tree.js";
 import { vmCommands } from "./vm.js";
@@ -135,6 +136,7 @@ host
 
 vmCommands(program, clientConfig, print);
 gpuCommands(program, clientConfig, print);
+networkCommands(program, clientConfig, print);
 diagCommands(program, clientConfig, print);
 // Coordinator commands take `coordinatorConfig` instead of `clientConfig`.
 opCommands(program, coordinatorConfig, print);
