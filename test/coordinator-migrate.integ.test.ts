@@ -2,7 +2,7 @@
  * Live migration and drain through the coordinator: a real coordinator, three real agents (separate
  * state, TCP on loopback), QEMU under TCG, 128 MiB guests.
  */
-import { rm } from "node:fs/promises";
+import { readFile, rm } from "node:fs/promises";
 import { VmState } from "@vmenv/api/agent/v1";
 import { AgentState, MemberState, OperationState, StepState } from "@vmenv/api/coordinator/v1";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -30,6 +30,9 @@ const FLAGS = [
   "3000",
   "--collector-interval-ms",
   "500",
+  // The rebalancer runs when a test asks (RebalanceFleet), never between a test's steps.
+  "--rebalance-interval-ms",
+  "0",
 ];
 
 describe("migration and drain: real coordinator, three real agents, QEMU under TCG", () => {
@@ -310,5 +313,62 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
         ?.reason,
     ).toBe("MEMBER_NOT_FOUND");
     await succeeded(c, c.envs.deleteEnvironment({ name: "environments/dead", force: true }));
+  }, 120_000);
+
+  it("rebalances: of two VMs that overload a small agent, one moves live to the least loaded agent", async () => {
+    // An agent offering 290 MiB: bin-packing puts both 128 MiB members there (88%, above 85%).
+    const meminfo = await readFile("/proc/meminfo", "utf8");
+    const totalMib = Math.floor(Number(/MemTotal:\s+(\d+) kB/.exec(meminfo)?.[1]) / 1024);
+    const small = await startAgent(["--reserved-memory-mib", String(totalMib - 290)]);
+    agents.push(small);
+    ids.push("small");
+    await c.agents.registerAgent({ agentId: "small", agent: { address: small.address } });
+    const created = await succeeded(
+      c,
+      c.envs.createEnvironment({
+        environmentId: "hot",
+        environment: {
+          node: "nodes/acme",
+          members: [await guestMember("w-1", ""), await guestMember("w-2", "")],
+        },
+        start: true,
+      }),
+    );
+    expect(envOf(created).members.map((m) => m.agent)).toEqual(["agents/small", "agents/small"]);
+
+    const plan = await c.agents.rebalanceFleet({ dryRun: true });
+    expect(plan.moves.map((m) => [m.sourceAgent, m.memberId, m.operation])).toEqual([
+      ["agents/small", "w-1", ""],
+    ]);
+    const move = plan.moves[0];
+    expect(move?.sourceLoadBefore).toBeGreaterThan(0.85);
+    expect(move?.sourceLoadAfter).toBeLessThan(0.5);
+    expect(move?.destinationLoadAfter).toBeLessThan(0.1);
+
+    const t0 = Date.now();
+    const started = await c.agents.rebalanceFleet({});
+    const op = await finalOp(c, await c.ops.getOperation({ name: started.moves[0]?.operation ?? "" }));
+    expect(op.state, op.error?.message).toBe(OperationState.SUCCEEDED);
+    expect(op.kind).toBe("environment.migrate");
+    const to = started.moves[0]?.destinationAgent ?? "";
+    expect(to).toBe(move?.destinationAgent);
+    const env = await c.envs.getEnvironment({ name: "environments/hot" });
+    expect(env.members.map((m) => [m.id, m.agent, m.state])).toEqual([
+      ["w-1", to, MemberState.RUNNING],
+      ["w-2", "agents/small", MemberState.RUNNING],
+    ]);
+    expect((await vmsOn(agentOf(to))).map((v) => [v.name, v.state])).toContainEqual([
+      "vms/hot-w-1",
+      VmState.RUNNING,
+    ]);
+    expect((await vmsOn(small)).map((v) => v.name)).toEqual(["vms/hot-w-2"]);
+    process.stderr.write(`rebalance of one 128 MiB TCG guest: ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+
+    // Under the watermark now: the next pass (here through the CLI) moves nothing, and says why.
+    const socket = (coord as RunningCoordinator).socket;
+    const cli = await run(process.execPath, [cliMain, "--coordinator", socket, "agent", "rebalance"]);
+    expect(cli.code, cli.stderr).toBe(0);
+    expect(cli.stdout).toMatch(/^nothing to move \(watermark 85%\): no READY agent is above the watermark/);
+    await succeeded(c, c.envs.deleteEnvironment({ name: "environments/hot", force: true }));
   }, 120_000);
 });

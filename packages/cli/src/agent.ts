@@ -9,6 +9,8 @@ import {
   OperationSchema,
   OperationService,
   OperationState,
+  type RebalanceFleetResponse,
+  RebalanceFleetResponseSchema,
 } from "@vmenv/api/coordinator/v1";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import type { Command } from "commander";
@@ -79,6 +81,38 @@ function agentDetail(a: Agent): string {
         .join(", ") || "-",
     ],
   ]);
+}
+
+/** "0.85" or "85%" → 0.85 (the server checks the range). */
+export function parseFraction(raw: string): number {
+  const pct = raw.trim().endsWith("%");
+  const n = Number(pct ? raw.trim().slice(0, -1) : raw);
+  if (raw.trim() === "" || !Number.isFinite(n))
+    throw new Error(`"${raw}" is not a fraction (0.85) or a percentage (85%)`);
+  return pct ? n / 100 : n;
+}
+
+const pct = (x: number) => `${Math.round(x * 1000) / 10}%`;
+
+/** A rebalancer pass: the move it made (or would make), or why none. */
+export function rebalanceText(r: RebalanceFleetResponse, dryRun: boolean): string {
+  if (r.moves.length === 0) return `nothing to move (watermark ${pct(r.watermark)}): ${r.reason}`;
+  const head = dryRun
+    ? `would move (dry run, watermark ${pct(r.watermark)}):`
+    : `moving (watermark ${pct(r.watermark)}):`;
+  return `${head}\n${table(
+    ["MEMBER", "VCPUS", "MEMORY", "FROM", "LOAD", "TO", "LOAD", "OPERATION"],
+    r.moves.map((m) => [
+      `${m.environment.replace(/^environments\//, "")}/${m.memberId}`,
+      String(m.usage?.vcpus ?? 0),
+      bytes(m.usage?.memoryBytes ?? 0n),
+      m.sourceAgent.replace(/^agents\//, ""),
+      `${pct(m.sourceLoadBefore)} → ${pct(m.sourceLoadAfter)}`,
+      m.destinationAgent.replace(/^agents\//, ""),
+      `${pct(m.destinationLoadBefore)} → ${pct(m.destinationLoadAfter)}`,
+      m.operation || "-",
+    ]),
+  )}`;
 }
 
 /** `vmenv agent …`: the coordinator's fleet. */
@@ -201,11 +235,16 @@ export function agentCommands(program: Command, cfg: () => ClientConfig, print: 
     .description(
       "recreate the members of a DOWN agent on other agents now (reschedule policy RECREATE; NEVER members stay lost)",
     )
+    .option(
+      "--force",
+      "the agent need not be DOWN: mark it DOWN first (you vouch that it is dead or will be fenced); when it answers again its replaced copies are destroyed before it is ready",
+    )
     .option("--request-id <id>", "for retry-safe replay")
     .option("--no-wait", "return the operation at once")
     .action(async (id: string, o) => {
       let op = await client().evacuateAgent({
         name: name(id),
+        force: !!o.force,
         requestId: (o.requestId as string) ?? randomUUID(),
       });
       if (o.wait) {
@@ -228,6 +267,25 @@ export function agentCommands(program: Command, cfg: () => ClientConfig, print: 
         toJson(OperationSchema, op, { alwaysEmitImplicit: false }),
         () => `${op.kind} ${op.target}: ${OperationState[op.state]?.toLowerCase()} (${op.name})`,
       );
+    });
+
+  agent
+    .command("rebalance")
+    .description(
+      "move one running member off the most loaded agent above the watermark to the least loaded agent that fits it (when that helps), now",
+    )
+    .option("--dry-run", "show the move, start nothing")
+    .option(
+      "--watermark <fraction>",
+      "load above which an agent is overloaded, e.g. 0.85 or 85% (default: the coordinator's)",
+    )
+    .action(async (o) => {
+      const r = await client().rebalanceFleet({
+        ...(o.watermark !== undefined ? { watermark: parseFraction(o.watermark as string) } : {}),
+        dryRun: !!o.dryRun,
+        requestId: randomUUID(),
+      });
+      print(toJson(RebalanceFleetResponseSchema, r), () => rebalanceText(r, !!o.dryRun));
     });
 
   agent

@@ -16,6 +16,12 @@ export interface CoordinatorConfig {
   reservationTtlMs: number;
   /** How often the collector runs. */
   collectorIntervalMs: number;
+  /** How often the rebalancer runs a pass; 0: never (RebalanceFleet still does). */
+  rebalanceIntervalMs: number;
+  /** Load (fraction of allocatable vCPUs or memory) above which an agent is overloaded: 0 < x ≤ 1. */
+  rebalanceWatermark: number;
+  /** How long after a rebalance migration ended its environment is not moved by the rebalancer again. */
+  rebalanceCooldownMs: number;
   shutdownGraceMs: number;
 }
 
@@ -29,6 +35,16 @@ const int = (flag: string, min: number) => (raw: string) => {
     throw new ConfigError(`${flag} must be an integer ≥ ${min}, got "${raw}"`);
   return n;
 };
+
+/** A fraction 0 < x ≤ 1 (the rebalancer's watermark). */
+function fraction(flag: string, raw: string): number {
+  const n = Number(raw);
+  if (raw.trim() === "" || !(n > 0 && n <= 1))
+    throw new ConfigError(
+      `${flag} must be a fraction greater than 0 and at most 1 (e.g. 0.85), got "${raw}"`,
+    );
+  return n;
+}
 
 /** Parses "host:port" ("[::1]:7000", ":7000" = all interfaces); "" or "off" turns TCP off. */
 export function parseListen(raw: string): CoordinatorConfig["listen"] {
@@ -97,6 +113,24 @@ const SETTINGS = {
     default: "10000",
     help: "how often the collector looks for expired reservations and VMs nobody owns",
   },
+  rebalanceIntervalMs: {
+    flag: "--rebalance-interval-ms <ms>",
+    env: "VMENV_COORDINATOR_REBALANCE_INTERVAL_MS",
+    default: "30000",
+    help: "how often the rebalancer moves one member off the most loaded agent above the watermark; 0 turns it off",
+  },
+  rebalanceWatermark: {
+    flag: "--rebalance-watermark <fraction>",
+    env: "VMENV_COORDINATOR_REBALANCE_WATERMARK",
+    default: "0.85",
+    help: "an agent whose allocated vCPUs or memory exceed this fraction of its allocatable capacity is overloaded (0 < x <= 1)",
+  },
+  rebalanceCooldownMs: {
+    flag: "--rebalance-cooldown-ms <ms>",
+    env: "VMENV_COORDINATOR_REBALANCE_COOLDOWN_MS",
+    default: "300000",
+    help: "an environment the rebalancer moved is not moved by it again for this long after the migration ended",
+  },
   shutdownGraceMs: {
     flag: "--shutdown-grace-ms <ms>",
     env: "VMENV_COORDINATOR_SHUTDOWN_GRACE_MS",
@@ -131,8 +165,15 @@ export function resolveConfig(cmd: Command): CoordinatorConfig {
     heartbeatTimeoutMs: int("--heartbeat-timeout-ms", 100)(o.heartbeatTimeoutMs),
     reservationTtlMs: int("--reservation-ttl-ms", 100)(o.reservationTtlMs),
     collectorIntervalMs: int("--collector-interval-ms", 50)(o.collectorIntervalMs),
+    rebalanceIntervalMs: int("--rebalance-interval-ms", 0)(o.rebalanceIntervalMs),
+    rebalanceWatermark: fraction("--rebalance-watermark", o.rebalanceWatermark),
+    rebalanceCooldownMs: int("--rebalance-cooldown-ms", 0)(o.rebalanceCooldownMs),
     shutdownGraceMs: int("--shutdown-grace-ms", 0)(o.shutdownGraceMs),
   };
+  if (cfg.rebalanceIntervalMs > 0 && cfg.rebalanceIntervalMs < 100)
+    throw new ConfigError(
+      `--rebalance-interval-ms must be 0 (off) or at least 100, got "${o.rebalanceIntervalMs}"`,
+    );
   if (cfg.heartbeatTimeoutMs <= cfg.heartbeatIntervalMs)
     throw new ConfigError("--heartbeat-timeout-ms must be longer than --heartbeat-interval-ms");
   return cfg;

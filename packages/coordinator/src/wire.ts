@@ -14,6 +14,7 @@ import { DRAIN_KIND, type DrainInput, drainKind } from "./fleet/drain.js";
 import { evacuateKind, startEvacuation } from "./fleet/evacuate.js";
 import { Fencer } from "./fleet/fencing.js";
 import { Fleet } from "./fleet/fleet.js";
+import { Rebalancer } from "./fleet/rebalance.js";
 import { agentService } from "./fleet/rpc.js";
 import { toPbOperation } from "./ops/convert.js";
 import { OperationEngine } from "./ops/engine.js";
@@ -71,8 +72,10 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
       return toPbOperation(op, packOp, engine.mayCancel(op));
     },
     // EvacuateAgent starts an "agent.evacuate" operation (fleet/evacuate.ts).
-    evacuate: async (agent, requestId) =>
-      toPbOperation(await startEvacuation({ store, fleet, engine }, agent, requestId), packOp, false),
+    evacuate: async (agent, requestId, force) =>
+      toPbOperation(await startEvacuation({ fleet, engine }, agent, requestId, force), packOp, false),
+    // RebalanceFleet runs a pass of the rebalancer (fleet/rebalance.ts) built below.
+    rebalancer: { runOnce: (o) => rebalancer.runOnce(o) },
   });
   // --- operations engine (ops/) ---
   // VMENV_COORDINATOR_CRASH_POINT=N (hidden, for crash tests): SIGKILL at the N-th crash point.
@@ -102,8 +105,9 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
   engine.register(migrateKind(envDeps));
   engine.register(drainKind({ store, fleet, engine }));
   // --- failure handling: reschedule (env/reschedule.ts), evacuation (fleet/evacuate.ts) ---
+  const memberEvents = new MemberEvents(envDeps);
   engine.register(rescheduleKind(envDeps));
-  engine.register(evacuateKind({ store, fleet }));
+  engine.register(evacuateKind({ store, fleet, events: memberEvents }));
   const rescheduler = new Rescheduler({
     ...envDeps,
     engine,
@@ -115,13 +119,24 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     toOperation: (op) => toPbOperation(op, packOp, engine.mayCancel(op)),
   });
   const collector = new Collector({ ...envDeps, logger: logger.child({ component: "collector" }) });
-  const memberEvents = new MemberEvents(envDeps);
+  // --- the rebalancer (fleet/rebalance.ts): one member off the most loaded agent per pass ---
+  const rebalancer = new Rebalancer({
+    store,
+    clock,
+    fleet,
+    tree,
+    engine,
+    logger: logger.child({ component: "rebalance" }),
+    watermark: config.rebalanceWatermark,
+    cooldownMs: config.rebalanceCooldownMs,
+  });
   memberEvents.attach(fleet);
 
   let server: RpcServer;
   try {
     await engine.resumeAll();
     collector.start(config.collectorIntervalMs);
+    rebalancer.start(config.rebalanceIntervalMs);
     rescheduler.start(Math.min(1000, config.heartbeatIntervalMs));
     await memberEvents
       .coordinatorStart()
@@ -134,6 +149,7 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     });
   } catch (err) {
     await rescheduler.stop();
+    await rebalancer.stop();
     await collector.stop();
     await engine.stop();
     await fleet.stop();
@@ -154,6 +170,7 @@ export async function startCoordinator(config: CoordinatorConfig): Promise<Coord
     server,
     stop: async () => {
       await rescheduler.stop();
+      await rebalancer.stop();
       await collector.stop();
       await engine.stop();
       await server.close(config.shutdownGraceMs);

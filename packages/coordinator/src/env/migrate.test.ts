@@ -1,12 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import {
-  VmMigrationPhase,
-  VmMigrationProgressSchema,
-  VmMigrationTargetSchema,
-  VmSchema,
-  VmState,
-} from "@vmenv/api/agent/v1";
+import { VmMigrationPhase, VmMigrationProgressSchema } from "@vmenv/api/agent/v1";
 import { MemberSchema } from "@vmenv/api/coordinator/v1";
 import pino from "pino";
 import { describe, expect, it } from "vitest";
@@ -24,7 +18,6 @@ import { OperationEngine } from "../ops/engine.js";
 import { keys } from "../store/keys.js";
 import { memoryStore } from "../store/memory.js";
 import type { JsonValue, Txn } from "../store/store.js";
-import { ResourceTree } from "../tree/tree.js";
 import { memberFromPb } from "./convert.js";
 import {
   MIGRATE_KIND,
@@ -35,75 +28,10 @@ import {
 } from "./migrate.js";
 import type { EnvRecord, MemberRecord } from "./model.js";
 import { type CreateInput, type EnvDeps, environmentKinds } from "./ops.js";
-import { FakeAgent as BaseFakeAgent } from "./testing/fake-agent.js";
+import { MigratingFakeAgent as FakeAgent } from "./testing/fake-agent.js";
+import { acmeTree } from "./testing/tree.js";
 
 const MIB = 1024n * 1024n;
-
-/**
- * An agent in memory that also speaks the migration protocol: PrepareVmMigration defines the VM
- * MIGRATING, MigrateVm leaves the source paused in MIGRATING (progress as metadata), FinishVmMigration
- * runs the destination, ResumeVm rolls the source back. `fail` makes one call fail.
- */
-class FakeAgent extends BaseFakeAgent {
-  readonly fail = new Set<string>();
-  cancelled: string[] = [];
-  protected override vmMethods(): Record<string, unknown> {
-    const base = super.vmMethods() as { deleteVm: (r: { name: string }) => Promise<unknown> };
-    return {
-      ...base,
-      deleteVm: async (r: { name: string }) => {
-        if (this.fail.has("deleteVm")) throw new ConnectError("disk on fire", Code.Internal);
-        return base.deleteVm(r);
-      },
-      prepareVmMigration: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
-        const name = `vms/${r.vmId}`;
-        if (this.fail.has("prepare")) throw new ConnectError("no incoming VMM", Code.FailedPrecondition);
-        this.vms.set(name, create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.MIGRATING }));
-        return this.op("vm.prepare_migration", name, {
-          result: create(VmMigrationTargetSchema, { vm: name, migrationUri: `tcp:${this.id}:4444` }),
-        });
-      },
-      migrateVm: async (r: { name: string; migrationUri: string }) => {
-        const vm = this.vm(r.name);
-        if (this.fail.has("migrate"))
-          return this.op("vm.migrate", r.name, {
-            error: "the destination closed the stream",
-            errorCode: Code.Aborted,
-          });
-        vm.state = VmState.MIGRATING;
-        return this.op("vm.migrate", r.name, {
-          metadata: create(VmMigrationProgressSchema, {
-            phase: VmMigrationPhase.COMPLETED,
-            memoryTransferredBytes: 128n * MIB,
-            memoryTotalBytes: 128n * MIB,
-          }),
-        });
-      },
-      finishVmMigration: async (r: { name: string }) => {
-        if (this.fail.has("finish"))
-          return this.op("vm.finish_migration", r.name, { error: "VMM died", errorCode: Code.Aborted });
-        if (this.fail.has("finish-after-start")) {
-          this.vm(r.name).state = VmState.RUNNING;
-          return this.op("vm.finish_migration", r.name, {
-            error: "lost the answer",
-            errorCode: Code.Aborted,
-          });
-        }
-        this.vm(r.name).state = VmState.RUNNING;
-        return this.op("vm.finish_migration", r.name);
-      },
-    };
-  }
-  protected override diagnosticsMethods(): Record<string, unknown> {
-    return {
-      ...super.diagnosticsMethods(),
-      cancelOperation: async (r: { name: string }) => {
-        this.cancelled.push(r.name);
-        throw new ConnectError("finished", Code.FailedPrecondition);
-      },
-    };
-  }
-}
 
 const capacity = { vcpus: 8, memoryBytes: 4096n * MIB, gpus: 0, gpuMemoryBytes: 0n };
 
@@ -111,12 +39,7 @@ async function setup() {
   const store = memoryStore();
   const clock = { now: () => Date.now() };
   const logger = pino({ level: "silent" });
-  const tree = new ResourceTree(store, clock);
-  await tree.createNode("", "acme", {
-    description: "",
-    labels: {},
-    policy: { allowedNetworks: [], allowedHostLabels: {}, allowedCpus: [] },
-  });
+  const tree = await acmeTree(store, clock);
   const agents = new Map(["a1", "a2", "a3"].map((id) => [id, new FakeAgent(id)]));
   const allocs = new Map<string, Usage>();
   const cordoned = new Set<string>();

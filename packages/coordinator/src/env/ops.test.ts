@@ -17,13 +17,13 @@ import type { OpRecord } from "../ops/types.js";
 import { keys } from "../store/keys.js";
 import { memoryStore } from "../store/memory.js";
 import type { Txn } from "../store/store.js";
-import { ResourceTree } from "../tree/tree.js";
 import { Collector } from "./collector.js";
 import { memberFromPb } from "./convert.js";
 import { MemberEvents } from "./events.js";
 import type { EnvRecord, MemberRecord } from "./model.js";
 import { type CreateInput, type EnvDeps, environmentKinds } from "./ops.js";
 import { FakeAgent } from "./testing/fake-agent.js";
+import { acmeTree } from "./testing/tree.js";
 
 const MIB = 1024n * 1024n;
 
@@ -33,12 +33,7 @@ async function setup(policy: { maxVms?: number } = {}) {
   const store = memoryStore();
   const clock = { now: () => Date.now() };
   const logger = pino({ level: "silent" });
-  const tree = new ResourceTree(store, clock);
-  await tree.createNode("", "acme", {
-    description: "",
-    labels: {},
-    policy: { ...policy, allowedNetworks: [], allowedHostLabels: {}, allowedCpus: [] },
-  });
+  const tree = await acmeTree(store, clock, policy);
   const agents = new Map([
     ["a1", new FakeAgent("a1")],
     ["a2", new FakeAgent("a2")],

@@ -12,20 +12,20 @@ import {
   usageFromStore,
   usageToStore,
 } from "../domain/usage.js";
-import { checkEvacuable, EVACUATE_KIND, evacuateKind } from "../fleet/evacuate.js";
+import { checkEvacuable, EVACUATE_KIND, type EvacuateDeps, evacuateKind } from "../fleet/evacuate.js";
 import { Fencer } from "../fleet/fencing.js";
 import type { AgentView } from "../fleet/fleet.js";
 import { OperationEngine } from "../ops/engine.js";
 import { keys } from "../store/keys.js";
 import { memoryStore } from "../store/memory.js";
 import type { Txn } from "../store/store.js";
-import { ResourceTree } from "../tree/tree.js";
 import { memberFromPb } from "./convert.js";
 import { MemberEvents } from "./events.js";
 import type { EnvRecord, MemberRecord } from "./model.js";
 import { type CreateInput, environmentKinds } from "./ops.js";
 import { type RescheduleDeps, Rescheduler, rescheduleKind, reschedulePolicy } from "./reschedule.js";
 import { FakeAgent } from "./testing/fake-agent.js";
+import { acmeTree } from "./testing/tree.js";
 
 const MIB = 1024n * 1024n;
 
@@ -36,12 +36,7 @@ async function setup() {
   let now = 1_000_000;
   const clock = { now: () => now };
   const logger = pino({ level: "silent" });
-  const tree = new ResourceTree(store, clock);
-  await tree.createNode("", "acme", {
-    description: "",
-    labels: {},
-    policy: { allowedNetworks: [], allowedHostLabels: {}, allowedCpus: [] },
-  });
+  const tree = await acmeTree(store, clock);
   const agents = new Map([
     ["a1", new FakeAgent("a1")],
     ["a2", new FakeAgent("a2")],
@@ -61,7 +56,7 @@ async function setup() {
       networks: [],
     } as unknown as AgentView;
   };
-  const fleet: RescheduleDeps["fleet"] & { get(id: string): AgentView } = {
+  const fleet: RescheduleDeps["fleet"] & EvacuateDeps["fleet"] = {
     views: () => [...agents.keys()].map(view),
     get: view,
     clients: (id) => (agents.get(id) as FakeAgent).clients(),
@@ -80,14 +75,17 @@ async function setup() {
       return !!s?.down && !s.fencing;
     },
     downSinceMs: (id) => (state.get(id)?.down ? state.get(id)?.since : undefined),
+    // Forced evacuations are tested with a real fleet (fleet/evacuate.test.ts).
+    holdDown: async () => undefined,
+    releaseHold: async () => undefined,
   };
   const deps: RescheduleDeps = { store, tree, fleet, clock, logger, reservationTtlMs: 60_000 };
   const engine = new OperationEngine({ store, clock, logger, retry: { attempts: 0 } });
   for (const k of environmentKinds(deps)) engine.register(k);
   engine.register(rescheduleKind(deps));
-  engine.register(evacuateKind({ store, fleet }));
-  const rescheduler = new Rescheduler({ ...deps, engine });
   const events = new MemberEvents(deps);
+  engine.register(evacuateKind({ store, fleet, events }));
+  const rescheduler = new Rescheduler({ ...deps, engine });
   const env = async () => (await store.get<EnvRecord>(keys.env("shop"))) as EnvRecord;
   const m = async (id: string) => (await env()).members.find((x) => x.id === id) as MemberRecord;
   const alloc = async (id: string) => usageFromStore(await store.get<StoredUsage>(keys.alloc(id))).vms;

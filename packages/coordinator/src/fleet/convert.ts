@@ -5,10 +5,13 @@ import {
   AgentSchema,
   AgentState,
   type Usage as PbUsage,
+  type RebalanceFleetResponse,
+  RebalanceFleetResponseSchema,
   UsageSchema,
 } from "@vmenv/api/coordinator/v1";
 import type { Usage } from "../domain/usage.js";
 import type { AgentStateName, AgentView } from "./fleet.js";
+import type { RebalanceResult } from "./rebalance.js";
 
 const STATES: Record<AgentStateName, AgentState> = {
   ready: AgentState.READY,
@@ -47,5 +50,25 @@ export function toPbAgent(v: AgentView): Agent {
     updateTime: timestampFromMs(v.updateMs),
     etag: v.etag,
     operation: v.operation ? `operations/${v.operation}` : "",
+  });
+}
+
+/** A rebalancer pass for the API. */
+export function toPbRebalance(r: RebalanceResult): RebalanceFleetResponse {
+  return create(RebalanceFleetResponseSchema, {
+    watermark: r.watermark,
+    reason: r.reason,
+    moves: r.moves.map((m) => ({
+      environment: `environments/${m.env}`,
+      memberId: m.member,
+      usage: toPbUsage(m.usage),
+      sourceAgent: `agents/${m.from}`,
+      destinationAgent: `agents/${m.to}`,
+      sourceLoadBefore: m.sourceLoadBefore,
+      sourceLoadAfter: m.sourceLoadAfter,
+      destinationLoadBefore: m.destinationLoadBefore,
+      destinationLoadAfter: m.destinationLoadAfter,
+      operation: m.operation ? `operations/${m.operation}` : "",
+    })),
   });
 }

@@ -129,3 +129,63 @@ describe("Fleet: fencing a returning agent", () => {
     expect(again.fleet.get("a1").state).toBe("ready");
   });
 });
+
+describe("Fleet: an agent held DOWN by a forced evacuation", () => {
+  it("goes DOWN at once like a missed deadline, answers but is neither fenced nor READY until the hold ends", async () => {
+    const t = setup();
+    await t.fleet.start();
+    await t.fleet.register("a1", "10.0.0.1:7443", {});
+    await t.fleet.holdDown("a1", "op-1", "evacuated by operations/op-1");
+    expect(t.fleet.get("a1")).toMatchObject({ state: "down", stateMessage: "evacuated by operations/op-1" });
+    expect(t.events).toEqual(["down a1"]);
+    expect(await t.replaceable()).toBe(true);
+    await t.fleet.holdDown("a1", "op-1", "again"); // the same operation resumed: no change, no event
+    expect(t.events).toEqual(["down a1"]);
+
+    for (let i = 0; i < 3; i++) {
+      t.clock.t += 200;
+      await t.fleet.heartbeatOnce();
+    }
+    await flush();
+    expect(t.fences).toHaveLength(0);
+    expect(t.fleet.get("a1").state).toBe("down");
+    expect(t.fleet.get("a1").lastHeartbeatMs).toBe(t.clock.t);
+    expect(await t.replaceable()).toBe(true);
+
+    // A restart keeps the hold; another operation's release does nothing.
+    const again = setup(t.store);
+    await again.fleet.start();
+    await again.store.transact((tx) => again.fleet.releaseHold(tx, "a1", "op-2"));
+    again.clock.t += 200;
+    await again.fleet.heartbeatOnce();
+    expect([again.fleet.get("a1").state, again.fences.length]).toEqual(["down", 0]);
+
+    await again.store.transact((tx) => again.fleet.releaseHold(tx, "a1", "op-1"));
+    again.clock.t += 200;
+    const beat = again.fleet.heartbeatOnce();
+    await flush();
+    expect(again.fences).toHaveLength(1);
+    expect(again.fences[0]?.seenState).toMatch(/^down: fencing: agents\/a1 answers again/);
+    again.fences[0]?.resolve();
+    await beat;
+    expect(again.fleet.get("a1").state).toBe("ready");
+    expect(again.events).toEqual(["up a1"]);
+  });
+
+  it("is refused while the agent is being fenced or drained", async () => {
+    const t = setup();
+    await t.fleet.start();
+    await t.fleet.register("a1", "10.0.0.1:7443", {});
+    await t.fleet.setDraining("a1", "drain-1");
+    await expect(t.fleet.holdDown("a1", "op-1", "x")).rejects.toMatchObject({ reason: "AGENT_DRAINING" });
+    await t.fleet.setDraining("a1", undefined);
+    await t.goDown();
+    t.agent.up = true;
+    t.clock.t += 200;
+    const beat = t.fleet.heartbeatOnce();
+    await flush();
+    await expect(t.fleet.holdDown("a1", "op-1", "x")).rejects.toMatchObject({ reason: "AGENT_FENCING" });
+    t.fences[0]?.resolve();
+    await beat;
+  });
+});

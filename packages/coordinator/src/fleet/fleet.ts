@@ -158,6 +158,11 @@ interface StoredAgent {
   downMessage: string;
   /** Set while a DOWN agent that answers again is being fenced (fencing.ts); cleared at start. */
   fencing?: boolean;
+  /**
+   * Id of the EvacuateAgent (force) operation that marked it DOWN: while it runs, answered heartbeats
+   * neither fence it nor bring it back. Cleared in that operation's final transaction.
+   */
+  evacuation?: string;
   /** When it was marked DOWN. */
   downSinceMs?: number;
   lastHeartbeatMs?: number;
@@ -603,11 +608,14 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     const netsChanged = networks !== undefined && networks.join("\n") !== e.rec.networks.join("\n");
     if (!e.rec.down && !netsChanged && now - e.lastPersistMs < HEARTBEAT_PERSIST_MS) return;
     const wasDown = e.rec.down;
+    // Held DOWN by a forced evacuation: the answer is kept (in memory); fencing waits for its end.
+    if (wasDown && e.rec.evacuation) return;
     if (wasDown && this.#o.fence && !(await this.#fenced(e))) return;
     const hostJson = toJson(HostInfoSchema, info) as JsonValue;
     const next = await this.#o.store.transact(async (tx) => {
       const rec = await tx.get<StoredAgent>(keys.agent(e.id));
       if (!rec) return undefined;
+      if (rec.down && rec.evacuation) return undefined;
       const out: StoredAgent = { ...rec, lastHeartbeatMs: now, host: hostJson };
       if (networks) out.networks = networks;
       if (rec.down) {
@@ -668,7 +676,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     const now = this.#o.clock.now();
     return this.#o.store.transact(async (tx) => {
       const rec = await tx.get<StoredAgent>(keys.agent(id));
-      if (!rec?.down) return undefined;
+      if (!rec?.down || (on && rec.evacuation)) return undefined;
       const out: StoredAgent = { ...rec, fencing: on, downMessage, gen: rec.gen + 1, updateMs: now };
       tx.put(keys.agent(id), out);
       return out;
@@ -702,24 +710,100 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     const next = await this.#o.store.transact(async (tx) => {
       const rec = await tx.get<StoredAgent>(keys.agent(e.id));
       if (!rec || rec.down) return undefined;
-      const out: StoredAgent = {
-        ...rec,
-        down: true,
-        downMessage: message,
-        downSinceMs: now,
-        gen: rec.gen + 1,
-        updateMs: now,
-        ...(e.lastOkMs !== undefined ? { lastHeartbeatMs: e.lastOkMs } : {}),
-      };
+      const out = this.#downRecord(e, rec, message, now);
       tx.put(keys.agent(e.id), out);
       return out;
     });
     if (!next || this.#agents.get(e.id) !== e) return;
     e.rec = next;
+    this.#wentDown(e, why);
+  }
+
+  /** `rec` marked DOWN now with `message` (the last answer's time kept). */
+  #downRecord(e: Entry, rec: StoredAgent, message: string, now: number): StoredAgent {
+    return {
+      ...rec,
+      down: true,
+      downMessage: message,
+      downSinceMs: now,
+      gen: rec.gen + 1,
+      updateMs: now,
+      ...(e.lastOkMs !== undefined ? { lastHeartbeatMs: e.lastOkMs } : {}),
+    };
+  }
+
+  /** After a DOWN mark is committed: log it, and emit `down` (members become LOST) and `changed`. */
+  #wentDown(e: Entry, why: string): void {
     this.#o.logger.warn({ agent: e.id, why }, "agent is down");
     const v = this.#view(e);
     this.emit("down", v);
     this.emit("changed", v);
+  }
+
+  /**
+   * Marks agent `id` DOWN now, as a missed heartbeat deadline does (same record, same `down` event, so
+   * its members become LOST and the kinds' `isDown` hooks run), and holds it DOWN for operation `op`
+   * (EvacuateAgent with force): heartbeats it answers are noted but neither fence it nor make it READY
+   * until `releaseHold` runs in that operation's final transaction; the next answer after that fences
+   * it as usual. An agent DOWN already only gets the hold; the same `op` again changes nothing.
+   * FAILED_PRECONDITION while it is being fenced (AGENT_FENCING) or drained (AGENT_DRAINING).
+   */
+  async holdDown(id: string, op: string, message: string): Promise<AgentView> {
+    const e = this.#entry(id);
+    const now = this.#o.clock.now();
+    let wentDown = false;
+    const next = await this.#o.store.transact(async (tx) => {
+      const rec = await tx.get<StoredAgent>(keys.agent(id));
+      if (!rec) throw notFound("agent", agentName(id));
+      if (rec.down && rec.evacuation === op) return undefined;
+      if (rec.fencing)
+        throw failedPrecondition(
+          `agent ${agentName(id)} answers again and is being fenced; evacuate it once it is READY`,
+          "AGENT_FENCING",
+          { agent: agentName(id) },
+        );
+      if (rec.drainOp)
+        throw failedPrecondition(
+          `agent ${agentName(id)} is being drained by operations/${rec.drainOp}; cancel the drain first`,
+          "AGENT_DRAINING",
+          { agent: agentName(id), operation: `operations/${rec.drainOp}` },
+        );
+      wentDown = !rec.down;
+      const out: StoredAgent = rec.down
+        ? { ...rec, gen: rec.gen + 1, updateMs: now }
+        : this.#downRecord(e, rec, message, now);
+      out.evacuation = op;
+      tx.put(keys.agent(id), out);
+      return out;
+    });
+    if (next && this.#agents.get(id) === e) {
+      e.rec = next;
+      if (wentDown) this.#wentDown(e, message);
+      else this.emit("changed", this.#view(e));
+    }
+    return this.#view(e);
+  }
+
+  /**
+   * Ends operation `op`'s hold on agent `id` (see `holdDown`) in the caller's transaction: the agent
+   * stays DOWN until its next answer, which fences it. Nothing happens when `op` holds nothing there.
+   */
+  async releaseHold(tx: Txn, id: string, op: string): Promise<void> {
+    const rec = await tx.get<StoredAgent>(keys.agent(id));
+    if (!rec || rec.evacuation !== op) return;
+    const out: StoredAgent = {
+      ...rec,
+      evacuation: undefined,
+      gen: rec.gen + 1,
+      updateMs: this.#o.clock.now(),
+    };
+    tx.put(keys.agent(id), out);
+    tx.afterCommit(() => {
+      const e = this.#agents.get(id);
+      if (!e) return;
+      e.rec = out;
+      this.emit("changed", this.#view(e));
+    });
   }
 
   // ---- internals --------------------------------------------------------------------------------
@@ -929,7 +1013,8 @@ function staleEtag(id: string): VmenvError {
   });
 }
 
-function requestReused(requestId: string): VmenvError {
+/** INVALID_ARGUMENT (REQUEST_ID_REUSED): `requestId` did something else before. */
+export function requestReused(requestId: string): VmenvError {
   return new VmenvError("invalid-argument", `request_id ${requestId} was used for a different request`, {
     reason: "REQUEST_ID_REUSED",
     metadata: { request_id: requestId },

@@ -1,9 +1,10 @@
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import { AgentService, AgentState, type DrainAgentRequest, type Operation } from "@vmenv/api/coordinator/v1";
 import { bind, invalidArgument, noFilter, page, type ServiceBinding, unimplemented } from "@vmenv/rpc";
-import { toPbAgent, toPbState } from "./convert.js";
+import { toPbAgent, toPbRebalance, toPbState } from "./convert.js";
 import { checkDrainable } from "./drain.js";
 import { agentIdFromName, checkAgentId, type Fleet } from "./fleet.js";
+import { checkWatermark, type Rebalancer } from "./rebalance.js";
 
 /** Starts an "agent.drain" operation (drain.ts) for a checked request. */
 export type StartDrain = (
@@ -17,7 +18,9 @@ export function agentService(
   opts: {
     drain?: StartDrain;
     /** EvacuateAgent (evacuate.ts): checks the agent and starts an "agent.evacuate" operation. */
-    evacuate?: (agent: string, requestId: string) => Promise<Operation>;
+    evacuate?: (agent: string, requestId: string, force: boolean) => Promise<Operation>;
+    /** RebalanceFleet (rebalance.ts): one pass of the rebalancer. */
+    rebalancer?: Pick<Rebalancer, "runOnce">;
   } = {},
 ): ServiceBinding {
   return bind(AgentService, {
@@ -84,12 +87,18 @@ export function agentService(
     async evacuateAgent(req) {
       const id = agentIdFromName(req.name);
       if (!opts.evacuate) throw unimplemented("EvacuateAgent", "this coordinator has no operation engine");
-      if (req.force)
-        throw unimplemented(
-          "EvacuateAgent force",
-          "evacuating an agent that is not DOWN is not supported: a live agent would be fenced back at its next heartbeat; drain it, or stop it and wait until it is DOWN",
-        );
-      return opts.evacuate(id, req.requestId);
+      return opts.evacuate(id, req.requestId, req.force);
+    },
+    async rebalanceFleet(req) {
+      if (req.watermark !== undefined) checkWatermark(req.watermark);
+      if (!opts.rebalancer) throw unimplemented("RebalanceFleet", "this coordinator has no rebalancer wired");
+      return toPbRebalance(
+        await opts.rebalancer.runOnce({
+          ...(req.watermark !== undefined ? { watermark: req.watermark } : {}),
+          dryRun: req.dryRun,
+          requestId: req.requestId,
+        }),
+      );
     },
     async removeAgent(req) {
       await fleet.remove(agentIdFromName(req.name), {

@@ -187,15 +187,29 @@ function via(rule: AffinityRuleSpec, peer: { memberId: string; role: string }): 
 
 // ---- score --------------------------------------------------------------------------------------
 
+/**
+ * How full an agent is with `used` placed on it: used/capacity for each resource it offers (undefined
+ * for one it has none of). Placement scores by their mean; the rebalancer's load is the largest of
+ * vCPUs and memory (fleet/rebalance.ts).
+ */
+export function fullness(
+  used: Usage,
+  capacity: AgentCapacity,
+): { vcpus?: number; memory?: number; gpus?: number; gpuMemory?: number } {
+  return {
+    ...(capacity.vcpus > 0 ? { vcpus: used.vcpus / capacity.vcpus } : {}),
+    ...(capacity.memoryBytes > 0n ? { memory: ratio(used.memoryBytes, capacity.memoryBytes) } : {}),
+    ...(capacity.gpus > 0 ? { gpus: used.gpus / capacity.gpus } : {}),
+    ...(capacity.gpuMemoryBytes > 0n
+      ? { gpuMemory: ratio(used.gpuMemoryBytes, capacity.gpuMemoryBytes) }
+      : {}),
+  };
+}
+
 function score(req: PlacementRequest, c: PlacementCandidate): number {
-  const after = addUsage(c.allocated, req.need);
-  const ratios: number[] = [];
-  if (c.capacity.vcpus > 0) ratios.push(after.vcpus / c.capacity.vcpus);
-  if (c.capacity.memoryBytes > 0n) ratios.push(ratio(after.memoryBytes, c.capacity.memoryBytes));
-  if (c.capacity.gpus > 0) ratios.push(after.gpus / c.capacity.gpus);
-  if (c.capacity.gpuMemoryBytes > 0n) ratios.push(ratio(after.gpuMemoryBytes, c.capacity.gpuMemoryBytes));
-  const fullness = ratios.length > 0 ? ratios.reduce((s, r) => s + r, 0) / ratios.length : 0;
-  let s = req.strategy === "spread" ? (1 - fullness) * 100 : fullness * 100;
+  const ratios = Object.values(fullness(addUsage(c.allocated, req.need), c.capacity));
+  const full = ratios.length > 0 ? ratios.reduce((s, r) => s + r, 0) / ratios.length : 0;
+  let s = req.strategy === "spread" ? (1 - full) * 100 : full * 100;
   for (const rule of req.rules) {
     if (rule.enforcement !== "soft" || !applies(rule, req)) continue;
     const here = selectedPeers(rule, req).filter((p) => p.agent === c.id).length;

@@ -21,6 +21,9 @@
  * |                                      | counts on the destination's `alloc/` only, not `usage/`) |
  * | `move/{op}.{member}`                  | room a reschedule charged on the new agent before  |
  * |                                      | its switch (agent, usage); undone on rollback       |
+ * | `rebalance/{env}`                    | the rebalancer's last move of the environment:      |
+ * |                                      | member, agents, request id, operation, start (its   |
+ * |                                      | cooldown runs from the operation's end)             |
  *
  * Records of one change are written in one transaction (store.ts), e.g. a member's VM record, its
  * agent's `alloc/`, and `usage/` of every ancestor of its node.
@@ -47,6 +50,8 @@ export const keys = {
   claimPrefix: "claim/",
   move: (id: string) => `move/${id}`,
   movePrefix: "move/",
+  rebalance: (env: string) => `rebalance/${env}`,
+  rebalancePrefix: "rebalance/",
 } as const;
 
 /** The layout version this coordinator writes and reads. */

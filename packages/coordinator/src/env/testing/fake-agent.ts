@@ -5,7 +5,9 @@ import {
   type Operation as AgentOperation,
   OperationSchema as AgentOperationSchema,
   OperationState as AgentOpState,
+  HostInfoSchema,
   type Vm,
+  VmMigrationPhase,
   VmMigrationProgressSchema,
   VmMigrationTargetSchema,
   VmSchema,
@@ -16,10 +18,13 @@ import {
 } from "@vmenv/api/agent/v1";
 import type { AgentClients } from "../../ports.js";
 
+const MIB = 1024n * 1024n;
+
 /**
  * An agent in memory for the environment unit tests: VMs and volumes in maps, every operation done at
  * once (and kept, so WaitOperation returns it as it ended); `log` lists the creations and deletions.
- * `failCreateVm` makes CreateVm's operation fail.
+ * `failCreateVm` makes CreateVm's operation fail. For a real Fleet it answers heartbeats (GetHostInfo
+ * with `capacity`, ListNetworks) while `reachable`.
  */
 export class FakeAgent {
   readonly vms = new Map<string, Vm>();
@@ -27,6 +32,10 @@ export class FakeAgent {
   readonly ops = new Map<string, AgentOperation>();
   readonly log: string[] = [];
   failCreateVm = false;
+  /** Whether heartbeats reach it. */
+  reachable = true;
+  /** What it offers to VMs (HostInfo.capacity). */
+  capacity = { vcpus: 8, memoryBytes: 4096n * MIB };
   #n = 0;
   constructor(readonly id: string) {}
 
@@ -113,6 +122,23 @@ export class FakeAgent {
     };
   }
 
+  protected hostMethods(): Record<string, unknown> {
+    const unreachable = () =>
+      new ConnectError(`cannot reach ${this.id}: connection refused`, Code.Unavailable);
+    return {
+      getHostInfo: async () => {
+        if (!this.reachable) throw unreachable();
+        return create(HostInfoSchema, {
+          hostname: this.id,
+          capacity: {
+            vcpusAllocatable: this.capacity.vcpus,
+            memoryAllocatableBytes: this.capacity.memoryBytes,
+          },
+        });
+      },
+    };
+  }
+
   clients(): AgentClients {
     const blocks = {
       getVolume: async (r: { name: string }) => {
@@ -150,8 +176,75 @@ export class FakeAgent {
       vms: this.vmMethods(),
       blocks,
       diagnostics: this.diagnosticsMethods(),
-      host: {},
-      networks: {},
+      host: this.hostMethods(),
+      networks: { listNetworks: async () => ({ networks: [], nextPageToken: "" }) },
     } as unknown as AgentClients;
+  }
+}
+
+/**
+ * A FakeAgent that also speaks the migration protocol: PrepareVmMigration defines the VM MIGRATING,
+ * MigrateVm leaves the source paused in MIGRATING (progress as metadata), FinishVmMigration runs the
+ * destination, ResumeVm rolls the source back. `fail` makes one call fail ("deleteVm", "prepare",
+ * "migrate", "finish", "finish-after-start"); `cancelled` lists the agent operations cancelled.
+ */
+export class MigratingFakeAgent extends FakeAgent {
+  readonly fail = new Set<string>();
+  cancelled: string[] = [];
+  protected override vmMethods(): Record<string, unknown> {
+    const base = super.vmMethods() as { deleteVm: (r: { name: string }) => Promise<unknown> };
+    return {
+      ...base,
+      deleteVm: async (r: { name: string }) => {
+        if (this.fail.has("deleteVm")) throw new ConnectError("disk on fire", Code.Internal);
+        return base.deleteVm(r);
+      },
+      prepareVmMigration: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
+        const name = `vms/${r.vmId}`;
+        if (this.fail.has("prepare")) throw new ConnectError("no incoming VMM", Code.FailedPrecondition);
+        this.vms.set(name, create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.MIGRATING }));
+        return this.op("vm.prepare_migration", name, {
+          result: create(VmMigrationTargetSchema, { vm: name, migrationUri: `tcp:${this.id}:4444` }),
+        });
+      },
+      migrateVm: async (r: { name: string; migrationUri: string }) => {
+        const vm = this.vm(r.name);
+        if (this.fail.has("migrate"))
+          return this.op("vm.migrate", r.name, {
+            error: "the destination closed the stream",
+            errorCode: Code.Aborted,
+          });
+        vm.state = VmState.MIGRATING;
+        return this.op("vm.migrate", r.name, {
+          metadata: create(VmMigrationProgressSchema, {
+            phase: VmMigrationPhase.COMPLETED,
+            memoryTransferredBytes: 128n * MIB,
+            memoryTotalBytes: 128n * MIB,
+          }),
+        });
+      },
+      finishVmMigration: async (r: { name: string }) => {
+        if (this.fail.has("finish"))
+          return this.op("vm.finish_migration", r.name, { error: "VMM died", errorCode: Code.Aborted });
+        if (this.fail.has("finish-after-start")) {
+          this.vm(r.name).state = VmState.RUNNING;
+          return this.op("vm.finish_migration", r.name, {
+            error: "lost the answer",
+            errorCode: Code.Aborted,
+          });
+        }
+        this.vm(r.name).state = VmState.RUNNING;
+        return this.op("vm.finish_migration", r.name);
+      },
+    };
+  }
+  protected override diagnosticsMethods(): Record<string, unknown> {
+    return {
+      ...super.diagnosticsMethods(),
+      cancelOperation: async (r: { name: string }) => {
+        this.cancelled.push(r.name);
+        throw new ConnectError("finished", Code.FailedPrecondition);
+      },
+    };
   }
 }
