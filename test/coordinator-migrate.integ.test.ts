@@ -287,8 +287,7 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
     );
     expect(await placedVms("a4")).toBe(0);
 
-    // Refused before anything starts: a DOWN agent cannot be drained; a stopped member is not moved
-    // live; names are checked.
+    // Refused before anything starts: a DOWN agent cannot be drained; names are checked.
     await until(
       () => c.agents.getAgent({ name: "agents/a4" }),
       (a) => a.state === AgentState.DOWN,
@@ -296,11 +295,23 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
       "a4 DOWN",
     );
     expect((await failure(c.agents.drainAgent({ name: "agents/a4" }))).info?.reason).toBe("AGENT_DOWN");
+    // A stopped member moves cold (its VMM started paused to send it, stopped again at the other end)
+    // and starts there.
     await succeeded(c, c.envs.stopEnvironment({ name: "environments/dead", force: true }));
-    const stopped = await failure(
+    const cold = await succeeded(
+      c,
       c.envs.migrateEnvironment({ name: "environments/dead", agent: "agents/a2" }),
     );
-    expect(stopped.info).toMatchObject({ reason: "MEMBER_NOT_RUNNING", metadata: { member: "app" } });
+    expect(cold.steps.some((s) => s.id === "wake.app")).toBe(true);
+    expect(envOf(cold).members.map((m) => [m.agent, m.state])).toEqual([["agents/a2", MemberState.STOPPED]]);
+    expect((await agentClients(agentOf("a2")).vms.getVm({ name: "vms/dead-app" })).state).toBe(
+      VmState.STOPPED,
+    );
+    expect((await vmsOn(agentOf("a1"))).map((v) => v.name)).not.toContain("vms/dead-app");
+    const started = await succeeded(c, c.envs.startEnvironment({ name: "environments/dead" }));
+    expect(envOf(started).members.map((m) => [m.agent, m.state])).toEqual([
+      ["agents/a2", MemberState.RUNNING],
+    ]);
     expect(
       (await failure(c.envs.migrateEnvironment({ name: "environments/dead", agent: "a2" }))).info?.reason,
     ).toBe("INVALID_ARGUMENT");

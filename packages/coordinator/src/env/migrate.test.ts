@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { VmMigrationPhase, VmMigrationProgressSchema } from "@vmenv/api/agent/v1";
+import { VmMigrationPhase, VmMigrationProgressSchema, VmState } from "@vmenv/api/agent/v1";
 import { MemberSchema } from "@vmenv/api/coordinator/v1";
 import pino from "pino";
 import { describe, expect, it } from "vitest";
@@ -248,23 +248,77 @@ describe("environment.migrate over fake agents", () => {
     expect([t.alloc("a1"), t.alloc("a2")]).toEqual([1, 1]);
   });
 
-  it("chooses a destination by placement, never the source; refuses a stopped member before acting", async () => {
+  it("chooses a destination by placement, never the source; refuses a member that is not running, paused or stopped", async () => {
     const t = await setup();
     await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
     const op = await t.migrate();
     expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
     expect((await t.env()).members[0]?.agent).not.toBe("a1");
 
-    const stop = await t.run("environment.stop", { env: "shop", members: [] });
-    expect(stop.state).toBe("succeeded");
+    await t.store.transact(async (tx) => {
+      const e = (await tx.get<EnvRecord>(keys.env("shop"))) as EnvRecord;
+      (e.members[0] as MemberRecord).state = "LOST";
+      tx.put(keys.env("shop"), e);
+    });
     const refused = await t.migrate({ agent: "a3" });
     expect(refused.state).toBe("failed");
     expect(refused.error).toMatchObject({
       code: "failed-precondition",
-      reason: "MEMBER_NOT_RUNNING",
-      metadata: { member: "web-1", state: "STOPPED" },
+      reason: "MEMBER_NOT_MOVABLE",
+      metadata: { member: "web-1", state: "LOST" },
     });
     expect(t.vmsOn("a3")).toEqual([]);
+  });
+
+  it("moves stopped and paused members cold, with their volumes, and each ends as it was", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [
+      member("db-1", { volume: true, agent: "a1" }),
+      member("web-1", { agent: "a1" }),
+    ]);
+    expect((await t.run("environment.stop", { env: "shop", members: ["db-1"] })).state).toBe("succeeded");
+    expect((await t.run("environment.suspend", { env: "shop", members: ["web-1"] })).state).toBe("succeeded");
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    // Only the stopped member needed its VMM started (paused) on the source to be sent.
+    expect(op.steps.map((s) => s.id).filter((id) => id.startsWith("wake."))).toEqual(["wake.db-1"]);
+    const a2 = fake(t, "a2");
+    expect([...a2.vms.values()].map((v) => [v.name, VmState[v.state]]).sort()).toEqual([
+      ["vms/shop-db-1", "STOPPED"],
+      ["vms/shop-web-1", "PAUSED"],
+    ]);
+    expect([...a2.volumes.keys()]).toHaveLength(1);
+    expect(t.vmsOn("a1")).toEqual([]);
+    expect([...fake(t, "a1").volumes.keys()]).toEqual([]);
+    const e = await t.env();
+    expect(e.members.map((m) => [m.id, m.agent, m.state])).toEqual([
+      ["db-1", "a2", "STOPPED"],
+      ["web-1", "a2", "PAUSED"],
+    ]);
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([0, 2]);
+  });
+
+  it("rolls a failed cold migration back: the stopped member is stopped again on its source, a paused one stays paused", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("db-1", { agent: "a1" }), member("web-1", { agent: "a1" })]);
+    expect((await t.run("environment.stop", { env: "shop", members: ["db-1"] })).state).toBe("succeeded");
+    expect((await t.run("environment.suspend", { env: "shop", members: ["web-1"] })).state).toBe("succeeded");
+    fake(t, "a2").fail.add("finish");
+    const op = await t.migrate({ agent: "a2", members: ["db-1"] });
+    expect(op.state).toBe("failed");
+    const op2 = await t.migrate({ agent: "a2", members: ["web-1"] });
+    expect(op2.state).toBe("failed");
+    expect([...fake(t, "a1").vms.values()].map((v) => [v.name, VmState[v.state]]).sort()).toEqual([
+      ["vms/shop-db-1", "STOPPED"],
+      ["vms/shop-web-1", "PAUSED"],
+    ]);
+    expect(t.vmsOn("a2")).toEqual([]);
+    const e = await t.env();
+    expect(e.members.map((m) => [m.id, m.agent, m.state])).toEqual([
+      ["db-1", "a1", "STOPPED"],
+      ["web-1", "a1", "PAUSED"],
+    ]);
+    expect([t.alloc("a1"), t.alloc("a2")]).toEqual([2, 0]);
   });
 
   it("reports progress in percent from the VMM's figures", () => {
@@ -306,8 +360,12 @@ describe("agent.drain over fake agents", () => {
     const t = await setup();
     await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
     await t.createEnv("blog", [member("app", { agent: "a1" })]);
-    const stop = await t.run("environment.stop", { env: "blog", members: [] }, "environments/blog");
-    expect(stop.state).toBe("succeeded");
+    // A member in a state nothing moves (its VM failed to start, say): it stays where it is.
+    await t.store.transact(async (tx) => {
+      const e = (await tx.get<EnvRecord>(keys.env("blog"))) as EnvRecord;
+      (e.members[0] as MemberRecord).state = "FAILED";
+      tx.put(keys.env("blog"), e);
+    });
     const input: DrainInput = { agent: "a1", reason: "", settings: null, timeoutMs: 0 };
     const op = await t.run(DRAIN_KIND, input, "agents/a1");
     expect(op.state).toBe("failed");

@@ -7,10 +7,11 @@
  * | `select`      | —            | checks the members, orders them, marks the environment MIGRATING | —                                |
  * | `claim.M`     | store        | places M on a destination (never its source), charges it, claim record | releases the charge, drops the claim |
  * | `volumes.M`   | destination  | creates M's local volumes there (same ids, sizes, formats)     | deletes them                       |
+ * | `wake.M`      | source       | a STOPPED member only: StartVm paused (its guest never runs)    | StopVm (force): stopped again      |
  * | `prepare.M`   | destination  | PrepareVmMigration (incoming VMM; NBD export of the volumes)   | DeleteVm there                     |
  * | `perform.M`   | source       | MigrateVm and its agent operation, progress copied to ours     | cancels it; resumes the source     |
- * | `finish.M`    | destination  | FinishVmMigration: the VM runs on the destination              | DeleteVm there (it never ran)      |
- * | `confirm.M`   | source+store | DeleteVm (and volumes) on the source; member.agent = destination, source released, claim gone | — |
+ * | `finish.M`    | destination  | FinishVmMigration: the VM runs (or stays paused) there         | DeleteVm there (it never ran)      |
+ * | `confirm.M`   | source+store | DeleteVm (and volumes) on the source; a STOPPED member's VM stopped on the destination; member.agent = destination, source released, claim gone | — |
  *
  * Once `finish.M` has succeeded the member is never rolled back: the destination runs it; every undo of
  * M's steps is then a no-op, and `confirm.M` does not fail (a source it cannot clean is left to the
@@ -20,8 +21,14 @@
  * VMM never ran the guest), so one dead destination does not make the rollback fail.
  *
  * Order: members by priority, balancers last (the entry point moves after what it balances; the
- * balancer's upstreams list member ids, which a move does not change). Only RUNNING members move: a
- * stopped or paused member fails the operation with FAILED_PRECONDITION (cold migration is not built).
+ * balancer's upstreams list member ids, which a move does not change).
+ *
+ * Running, paused and stopped members move, and each ends as it was. A paused member's VMM is migrated
+ * paused and finished paused. A stopped member has no VMM: `wake` starts one paused on the source (the
+ * guest never runs, so its disks do not change), the same steps move it and its disks, and `confirm`
+ * stops it on the destination — a cold migration through the live path, with one data path for both.
+ * Members in any other state (LOST, FAILED, being created...) fail the operation with
+ * FAILED_PRECONDITION `MEMBER_NOT_MOVABLE`.
  */
 import { fromJson, type JsonValue as PbJson, toJson } from "@bufbuild/protobuf";
 import { type Any, anyPack, anyUnpack, durationFromMs } from "@bufbuild/protobuf/wkt";
@@ -48,6 +55,7 @@ import {
   ensureVolume,
   getVm,
   isNotFound,
+  stopVm,
   waitAgentOp,
 } from "./agent.js";
 import { envResult } from "./convert.js";
@@ -75,13 +83,26 @@ export interface MigrateInput {
   reason?: string;
 }
 
+/** The states a member can be moved in; it ends in the same one. */
+type MovableState = "RUNNING" | "PAUSED" | "STOPPED";
+
 /** What `select` saved for each member to move. */
 interface Moving {
   [k: string]: JsonValue | undefined;
   id: string;
   source: string;
   volumes: string[];
+  /** The member's state when the move began (absent in operations started before cold migration). */
+  state?: MovableState;
 }
+
+/** The state a member is moved in: a member found MIGRATING (a resumed move) was running. */
+const movableState = (state: string): MovableState | undefined =>
+  state === "RUNNING" || state === "MIGRATING"
+    ? "RUNNING"
+    : state === "PAUSED" || state === "STOPPED"
+      ? state
+      : undefined;
 
 const agentName = (id: string) => `agents/${id}`;
 
@@ -122,7 +143,8 @@ function memberNotFound(env: string, id: string): VmenvError {
 
 /**
  * The members a migration moves, in the order it moves them (priority order, balancers last); throws
- * NOT_FOUND for an unknown id and FAILED_PRECONDITION for a member that is not RUNNING or has no agent.
+ * NOT_FOUND for an unknown id and FAILED_PRECONDITION for a member that is neither running, paused nor
+ * stopped.
  * Members already on `inp.agent` are left out (nothing to do).
  */
 export function selectMembers(e: EnvRecord, inp: Pick<MigrateInput, "members" | "agent" | "from">) {
@@ -134,11 +156,11 @@ export function selectMembers(e: EnvRecord, inp: Pick<MigrateInput, "members" | 
       !(inp.agent && m.agent === inp.agent),
   );
   for (const m of chosen) {
-    if (m.state !== "RUNNING" && m.state !== "MIGRATING")
+    if (!movableState(m.state) || !m.agent)
       throw failedPrecondition(
-        `member ${m.id} of environments/${e.id} is ${m.state.toLowerCase()}: only running members ` +
-          "are live-migrated (stopped and paused members would move with a cold migration, which is not built)",
-        "MEMBER_NOT_RUNNING",
+        `member ${m.id} of environments/${e.id} is ${m.state.toLowerCase()}: only running, paused and ` +
+          "stopped members move (a lost member is recreated by its reschedule policy or EvacuateAgent)",
+        "MEMBER_NOT_MOVABLE",
         { environment: `environments/${e.id}`, member: m.id, state: m.state },
       );
   }
@@ -205,6 +227,12 @@ export function migrateKind(deps: EnvDeps): OperationKind {
     const id = mv.id;
     const src = mv.source;
     const name = `vms/${vmId(env, id)}`;
+    /** What the member is, and ends as; a stopped member travels paused. */
+    const was: MovableState = mv.state ?? "RUNNING";
+    const paused = was !== "RUNNING";
+    /** Whether the destination's VM has been finished (it runs, or stays paused, or was stopped since). */
+    const tookOver = (s: VmState | undefined) =>
+      paused ? s === VmState.PAUSED || s === VmState.STOPPED : s === VmState.RUNNING;
     const dest = (op: Readonly<OpRecord>) => (op.data[`dest.${id}`] as string | undefined) ?? "";
     const destOrThrow = (op: Readonly<OpRecord>) => {
       const d = dest(op);
@@ -232,7 +260,12 @@ export function migrateKind(deps: EnvDeps): OperationKind {
     };
 
     /** The member is the destination's: the claimed room becomes its, the source's goes back. */
-    const switchRecord = async (tx: Txn, opId: string, to: string) => {
+    const switchRecord = async (
+      tx: Txn,
+      opId: string,
+      to: string,
+      end: { state: MovableState; message: string } = { state: was, message: "" },
+    ) => {
       const e = await readEnv(tx, env);
       const m = e?.members.find((x) => x.id === id);
       if (m && m.agent === src) {
@@ -241,8 +274,8 @@ export function migrateKind(deps: EnvDeps): OperationKind {
           const mm = x.members.find((y) => y.id === id);
           if (mm) {
             mm.agent = to;
-            mm.state = "RUNNING";
-            mm.stateMessage = "";
+            mm.state = end.state;
+            mm.stateMessage = end.message;
           }
         });
       }
@@ -307,7 +340,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
           await mutateEnv(deps, tx, env, (x) => {
             const mm = x.members.find((y) => y.id === id);
             if (mm && mm.agent === src && mm.state === "MIGRATING") {
-              mm.state = "RUNNING";
+              mm.state = was;
               mm.stateMessage = "";
             }
           });
@@ -336,6 +369,28 @@ export function migrateKind(deps: EnvDeps): OperationKind {
             const a = target(deps, ctx, to);
             for (const v of mv.volumes) await deleteVolume(a, env, id, v, rid(ctx, `undo-vol-${v}`));
           });
+        },
+      });
+
+    if (was === "STOPPED")
+      steps.push({
+        id: `wake.${id}`,
+        description: `start the VMM of ${id} paused on agents/${src}, so that it and its disks can be sent`,
+        agent: agentName(src),
+        async run(ctx) {
+          progress(ctx, 8, `starting the VMM of ${id} paused on agents/${src}`);
+          const a = target(deps, ctx, src);
+          const vm = await getVm(a, env, id);
+          if (vm?.state === VmState.STOPPED || vm?.state === VmState.CRASHED)
+            await waitAgentOp(
+              a,
+              await a.clients.vms.startVm({ name, paused: true, requestId: rid(ctx, "wake") }),
+            );
+        },
+        async undo(ctx) {
+          if (finished(ctx.op, id)) return;
+          // Stopped again, as the member was: its guest never ran, so nothing is lost.
+          await stopVm(target(deps, ctx, src), env, id, rid(ctx, "undo-wake"), { force: true });
         },
       });
 
@@ -462,9 +517,10 @@ export function migrateKind(deps: EnvDeps): OperationKind {
           }
           await waitSettled(a, opName);
         }
-        // Completed but not confirmed, the source waits paused (MIGRATING): ResumeVm rolls it back.
+        // Completed but not confirmed, the source waits (MIGRATING): ResumeVm rolls it back, running or
+        // paused as it was. A member that was paused stays paused.
         const vm = await getVm(a, env, id);
-        if (vm && (vm.state === VmState.MIGRATING || vm.state === VmState.PAUSED))
+        if (vm && (vm.state === VmState.MIGRATING || (!paused && vm.state === VmState.PAUSED)))
           await a.clients.vms.resumeVm({ name, requestId: rid(ctx, "undo-resume") });
       },
     });
@@ -480,10 +536,10 @@ export function migrateKind(deps: EnvDeps): OperationKind {
         progress(ctx, 92, `starting ${id} on agents/${to}`);
         const a = target(deps, ctx, to);
         const vm = await getVm(a, env, id);
-        if (vm?.state !== VmState.RUNNING)
+        if (!tookOver(vm?.state))
           await waitAgentOp(
             a,
-            await a.clients.vms.finishVmMigration({ name, requestId: rid(ctx, "finish") }),
+            await a.clients.vms.finishVmMigration({ name, paused, requestId: rid(ctx, "finish") }),
           );
         await ctx.save({ [`finished.${id}`]: true });
       },
@@ -493,7 +549,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
         let runs = false;
         await onDestination(ctx, to, "VM", async () => {
           const a = target(deps, ctx, to);
-          runs = (await getVm(a, env, id))?.state === VmState.RUNNING;
+          runs = tookOver((await getVm(a, env, id))?.state);
           if (!runs) await deleteVm(a, env, id, rid(ctx, "undo-finish"));
         });
         if (!runs) return;
@@ -514,7 +570,25 @@ export function migrateKind(deps: EnvDeps): OperationKind {
         const to = destOrThrow(ctx.op);
         progress(ctx, 97, `removing ${id} from agents/${src}`);
         await cleanSource(ctx);
-        ctx.onComplete((tx) => switchRecord(tx, ctx.op.id, to));
+        let end = { state: was, message: "" };
+        if (was === "STOPPED") {
+          try {
+            await stopVm({ id: to, clients: deps.fleet.clients(to) }, env, id, rid(ctx, "stop"), {
+              force: true,
+            });
+          } catch (err) {
+            // It never ran: paused is what it is, and says so; StopEnvironment stops it.
+            deps.logger.warn(
+              { op: `operations/${ctx.op.id}`, member: id, err },
+              "could not stop a cold-migrated VM",
+            );
+            end = {
+              state: "PAUSED",
+              message: `moved stopped, but could not be stopped on agents/${to}: ${(err as Error).message}`,
+            };
+          }
+        }
+        ctx.onComplete((tx) => switchRecord(tx, ctx.op.id, to, end));
       },
     });
     return steps;
@@ -542,6 +616,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
                 id: m.id,
                 source: m.agent,
                 volumes: m.volumes.map((v) => v.id),
+                state: movableState(m.state) ?? "RUNNING",
               }));
               await ctx.save({ moving_members: moving });
             }

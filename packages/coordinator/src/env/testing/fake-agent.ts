@@ -85,8 +85,8 @@ export class FakeAgent {
         }
         return this.op("vm.create", name);
       },
-      startVm: async (r: { name: string }) => {
-        this.vm(r.name).state = VmState.RUNNING;
+      startVm: async (r: { name: string; paused?: boolean }) => {
+        this.vm(r.name).state = r.paused ? VmState.PAUSED : VmState.RUNNING;
         return this.op("vm.start", r.name);
       },
       stopVm: async (r: { name: string }) => {
@@ -190,6 +190,8 @@ export class FakeAgent {
  */
 export class MigratingFakeAgent extends FakeAgent {
   readonly fail = new Set<string>();
+  /** A sent source's state before it was sent: ResumeVm of it goes back to that, as the agent does. */
+  readonly sentFrom = new Map<string, VmState>();
   cancelled: string[] = [];
   protected override vmMethods(): Record<string, unknown> {
     const base = super.vmMethods() as { deleteVm: (r: { name: string }) => Promise<unknown> };
@@ -207,6 +209,12 @@ export class MigratingFakeAgent extends FakeAgent {
           result: create(VmMigrationTargetSchema, { vm: name, migrationUri: `tcp:${this.id}:4444` }),
         });
       },
+      resumeVm: async (r: { name: string }) => {
+        const vm = this.vm(r.name);
+        vm.state = this.sentFrom.get(r.name) ?? VmState.RUNNING;
+        this.sentFrom.delete(r.name);
+        return vm;
+      },
       migrateVm: async (r: { name: string; migrationUri: string }) => {
         const vm = this.vm(r.name);
         if (this.fail.has("migrate"))
@@ -214,6 +222,7 @@ export class MigratingFakeAgent extends FakeAgent {
             error: "the destination closed the stream",
             errorCode: Code.Aborted,
           });
+        this.sentFrom.set(r.name, vm.state);
         vm.state = VmState.MIGRATING;
         return this.op("vm.migrate", r.name, {
           metadata: create(VmMigrationProgressSchema, {
@@ -223,7 +232,7 @@ export class MigratingFakeAgent extends FakeAgent {
           }),
         });
       },
-      finishVmMigration: async (r: { name: string }) => {
+      finishVmMigration: async (r: { name: string; paused?: boolean }) => {
         if (this.fail.has("finish"))
           return this.op("vm.finish_migration", r.name, { error: "VMM died", errorCode: Code.Aborted });
         if (this.fail.has("finish-after-start")) {
@@ -233,7 +242,7 @@ export class MigratingFakeAgent extends FakeAgent {
             errorCode: Code.Aborted,
           });
         }
-        this.vm(r.name).state = VmState.RUNNING;
+        this.vm(r.name).state = r.paused ? VmState.PAUSED : VmState.RUNNING;
         return this.op("vm.finish_migration", r.name);
       },
     };
