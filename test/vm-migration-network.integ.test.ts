@@ -4,8 +4,9 @@
  * the segment through an uplink (a veth into a "segment" namespace, whose bridge stands for the
  * physical switch and holds the segment's router address). The coordinator runs in the segment
  * namespace and reaches the agents over a second, management, segment, which also carries the
- * migration streams. The test pings the guests from the segment's router across the move.
- * Everything lives in the three namespaces, deleted at the end.
+ * migration streams. The test pings the guests from the segment's router across the move, then starts
+ * a guest on the emptied host, to which the coordinator gives the next free address of the segment
+ * (ADR 20), and has it ping a moved guest. Everything lives in the three namespaces, deleted at the end.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { rm } from "node:fs/promises";
@@ -133,7 +134,7 @@ describe("live migration of guests with NICs between two hosts on one segment (n
   const reachable = async (addr: string) =>
     (await inNs(seg, "ping", ["-n", "-c", "1", "-W", "1", addr])).code === 0;
 
-  it("moves a running two-VM environment with NICs: pings across the move lose at most a few replies, uptime and addresses are kept", async () => {
+  it("moves a running two-VM environment with NICs: pings across the move lose at most a few replies, uptime and addresses are kept; a new guest gets a free address of the segment", async () => {
     const member = async (id: string) => ({
       ...(await guestMember(id, "")),
       placement: { agent: "agents/h1" },
@@ -155,7 +156,9 @@ describe("live migration of guests with NICs between two hosts on one segment (n
     const addrOf = async (vm: string) =>
       (await agentClients(a).vms.getVm({ name: vm })).spec?.nics[0]?.ipAddress ?? "";
     const addrs = [await addrOf("vms/net-web-1"), await addrOf("vms/net-web-2")];
-    expect(addrs.every((x) => x.startsWith(`${lan}.`))).toBe(true);
+    // The coordinator chose them (the router, .1, is the gateway), and the member's spec shows them.
+    expect(addrs).toEqual([`${lan}.2`, `${lan}.3`]);
+    expect(envOf(created).members.map((m) => m.spec?.nics[0]?.ipAddress)).toEqual(addrs);
     expect(envOf(created).members.map((m) => m.agent)).toEqual(["agents/h1", "agents/h1"]);
     const before = [await uptime(a, "vms/net-web-1"), await uptime(a, "vms/net-web-2")];
     // The guests answer the segment's router through host A's bridge and uplink.
@@ -216,7 +219,34 @@ describe("live migration of guests with NICs between two hosts on one segment (n
     expect([await placed("h1"), await placed("h2")]).toEqual([0, 2]);
     expect((await c.tree.getNode({ name: "nodes/acme" })).usage?.vms).toBe(2);
 
+    // A new guest on host A, emptied by the move. Left to itself, A would hand out .2 again (free on
+    // A since web-1 left); the coordinator gives the segment's next free address, and the new guest
+    // reaches web-1 on host B across the segment.
+    const solo = await succeeded(
+      c,
+      c.envs.createEnvironment({
+        environmentId: "net2",
+        environment: { node: "nodes/acme", members: [await withNic("solo")] },
+        start: true,
+      }),
+    );
+    const soloAddr = envOf(solo).members[0]?.spec?.nics[0]?.ipAddress;
+    expect(soloAddr).toBe(`${lan}.4`);
+    expect(await addrOf("vms/net2-solo")).toBe(soloAddr);
+    await uptime(a, "vms/net2-solo");
+    await until(() => reachable(soloAddr as string), Boolean, 60_000, `${soloAddr} to answer pings`);
+    // The marker is computed by the guest's shell, so the echoed command line does not match it.
+    await consoleRun(
+      clients(a.socket),
+      "vms/net2-solo",
+      `ping -c 3 -W 2 ${addrs[0]} >/dev/null && echo peer-ok-$((40+2))`,
+      /peer-ok-42/,
+      30_000,
+    );
+
+    await succeeded(c, c.envs.deleteEnvironment({ name: "environments/net2" }));
     await succeeded(c, c.envs.deleteEnvironment({ name: "environments/net" }));
     expect(await vmsOn(b)).toEqual([]);
+    expect(await vmsOn(a)).toEqual([]);
   });
 });

@@ -42,19 +42,40 @@ export function envDetail(e: Environment): string {
     ...(e.lockHolder ? ([["Operation", e.lockHolder]] as [string, string][]) : []),
     ...(e.createTime ? ([["Created", timestampDate(e.createTime).toISOString()]] as [string, string][]) : []),
   ]);
-  const rows = e.members.map((m) => [
+  // Addresses the caller gave or the coordinator chose (NICs on shared networks, docs/adr/0020); the
+  // column only appears when some member has one ("-": its agent chooses).
+  const addresses = e.members.map(
+    (m) =>
+      m.spec?.nics
+        .map((n) => n.ipAddress)
+        .filter(Boolean)
+        .join(",") ?? "",
+  );
+  const withAddresses = addresses.some(Boolean);
+  const rows = e.members.map((m, i) => [
     m.id,
     m.role || "-",
     m.kind || "vm",
     lower(MemberState[m.state]),
     m.agent ? bare(m.agent) : "-",
     m.vm ? bare(m.vm) : "-",
+    ...(withAddresses ? [addresses[i] || "-"] : []),
     Object.entries(m.outputs)
       .filter(([k]) => k !== "balances")
       .map(([k, v]) => `${k}=${v}`)
       .join(" ") || "",
   ]);
-  return `${head}\n\n${table(["MEMBER", "ROLE", "KIND", "STATE", "AGENT", "VM", "OUTPUTS"], rows)}`;
+  const header = [
+    "MEMBER",
+    "ROLE",
+    "KIND",
+    "STATE",
+    "AGENT",
+    "VM",
+    ...(withAddresses ? ["ADDRESSES"] : []),
+    "OUTPUTS",
+  ];
+  return `${head}\n\n${table(header, rows)}`;
 }
 
 function envTable(envs: Environment[]): string {

@@ -2,7 +2,19 @@
  * The network domain: networks (a bridge with an IPv4 subnet) and ports (a tap per VM NIC), ids and
  * names, CIDR arithmetic and address allocation. Plain TypeScript, no I/O.
  */
-import { failedPrecondition, invalidArgument, VmenvError } from "@vmenv/rpc/errors";
+import { failedPrecondition, invalidArgument } from "@vmenv/rpc/errors";
+import { type Cidr, formatIp, parseCidr, parseIp } from "@vmenv/rpc/ipv4";
+
+export {
+  allocateIp,
+  type Cidr,
+  checkHostAddress,
+  cidrText,
+  contains,
+  formatIp,
+  parseCidr,
+  parseIp,
+} from "@vmenv/rpc/ipv4";
 
 export type NetworkState = "creating" | "ready" | "deleting";
 export type PortState = "creating" | "active" | "releasing";
@@ -131,42 +143,7 @@ export function checkIfname(name: string, field: string): void {
 export const BRIDGE_PREFIX = "vme-";
 export const TAP_PREFIX = "vmt-";
 
-// ---- IPv4 and CIDR arithmetic -------------------------------------------------------------------
-
-const OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
-const IPV4 = new RegExp(`^${OCTET}\\.${OCTET}\\.${OCTET}\\.${OCTET}$`);
-
-/** Dotted quad → unsigned 32-bit integer; undefined when it is not one. */
-export function parseIp(s: string): number | undefined {
-  if (!IPV4.test(s)) return undefined;
-  return s.split(".").reduce((a, o) => a * 256 + Number(o), 0);
-}
-
-export function formatIp(n: number): string {
-  return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255].join(".");
-}
-
-export interface Cidr {
-  /** Network address as an unsigned integer. */
-  base: number;
-  prefix: number;
-  /** Number of addresses (2^(32-prefix)). */
-  size: number;
-}
-
-export const cidrText = (c: Cidr) => `${formatIp(c.base)}/${c.prefix}`;
-
-/** Parses `a.b.c.d/n`; undefined when it is not one. Host bits must be zero. */
-export function parseCidr(s: string): Cidr | undefined {
-  const m = /^([0-9.]+)\/([0-9]{1,2})$/.exec(s);
-  if (!m?.[1] || !m[2]) return undefined;
-  const ip = parseIp(m[1]);
-  const prefix = Number(m[2]);
-  if (ip === undefined || prefix > 32) return undefined;
-  const size = 2 ** (32 - prefix);
-  if (ip % size !== 0) return undefined;
-  return { base: ip, prefix, size };
-}
+// ---- IPv4 and CIDR arithmetic (shared with the coordinator: @vmenv/rpc/ipv4) ------------------
 
 /**
  * A network's CIDR: IPv4, host bits zero, a prefix of 8 to 30 (a /31 or /32 has no room for a gateway
@@ -201,7 +178,6 @@ export function checkCidr(s: string, field: string): Cidr {
   return c;
 }
 
-export const contains = (c: Cidr, ip: number) => ip >= c.base && ip < c.base + c.size;
 export const overlaps = (a: Cidr, b: Cidr) => a.base < b.base + b.size && b.base < a.base + a.size;
 
 /** The network containing `ip/prefix` (for a host's interface address). */
@@ -210,68 +186,8 @@ export function cidrOf(ip: number, prefix: number): Cidr {
   return { base: ip - (ip % size), prefix, size };
 }
 
-/** A usable host address of `c`: inside it, not its network or broadcast address. */
-export function checkHostAddress(c: Cidr, s: string, field: string): number {
-  const ip = parseIp(s);
-  if (ip === undefined)
-    throw invalidArgument(field, `"${s.slice(0, 80)}" is not an IPv4 address`, "INVALID_IP_ADDRESS");
-  if (!contains(c, ip))
-    throw invalidArgument(field, `${s} is outside ${cidrText(c)}`, "IP_ADDRESS_OUTSIDE_CIDR");
-  if (ip === c.base || ip === c.base + c.size - 1)
-    throw invalidArgument(
-      field,
-      `${s} is the network or broadcast address of ${cidrText(c)}`,
-      "INVALID_IP_ADDRESS",
-    );
-  return ip;
-}
-
 /** The default gateway of a subnet: its first host address. */
 export const defaultGateway = (c: Cidr) => formatIp(c.base + 1);
-
-/**
- * An address for a new port: `want` when given (a usable host address of the subnet, not the gateway and
- * not taken), else the lowest free host address. FAILED_PRECONDITION when the subnet is full or `want` is
- * taken (naming the port that has it).
- */
-export function allocateIp(
-  c: Cidr,
-  gateway: string,
-  used: ReadonlyMap<string, string>,
-  want: string | undefined,
-  network: string,
-  field = "ip_address",
-): string {
-  if (want) {
-    checkHostAddress(c, want, field);
-    if (want === gateway)
-      throw invalidArgument(field, `${want} is the gateway of networks/${network}`, "IP_ADDRESS_IS_GATEWAY");
-    const holder = used.get(want);
-    if (holder)
-      throw failedPrecondition(
-        `${want} on networks/${network} is already used by ${holder}`,
-        "IP_ADDRESS_IN_USE",
-        {
-          network: `networks/${network}`,
-          port: holder,
-          ip_address: want,
-        },
-      );
-    return want;
-  }
-  for (let ip = c.base + 1; ip < c.base + c.size - 1; ip++) {
-    const s = formatIp(ip);
-    if (s !== gateway && !used.has(s)) return s;
-  }
-  throw new VmenvError(
-    "resource-exhausted",
-    `networks/${network} (${cidrText(c)}) has no free address left`,
-    {
-      reason: "NETWORK_FULL",
-      metadata: { network: `networks/${network}` },
-    },
-  );
-}
 
 // ---- MAC addresses ------------------------------------------------------------------------------
 

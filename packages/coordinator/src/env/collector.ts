@@ -10,6 +10,11 @@
  * 2. **VMs (and volumes) nobody owns**: on every agent that is not DOWN, a VM or volume carrying the
  *    coordinator's labels whose environment has no such member on that agent, and whose environment no
  *    operation holds (its lock is free), is deleted.
+ * 3. **Addresses on shared networks** (addresses.ts): a holding whose member (or the member's NIC on that
+ *    network) no longer exists is dropped; a member's explicit address on a shared network that nothing
+ *    holds (one given before the coordinator allocated addresses, ADR 20) is recorded, so it is not
+ *    handed out again. Holdings change in the transactions that change members, so neither race an
+ *    operation.
  *
  * Every action is logged; counters say how much was done.
  */
@@ -17,8 +22,9 @@ import type { Logger } from "@vmenv/rpc";
 import { usageFromStore } from "../domain/usage.js";
 import { keys } from "../store/keys.js";
 import type { JsonValue } from "../store/store.js";
+import { type AddressHolding, nicsOf, releaseAddresses, segmentOf } from "./addresses.js";
 import { deleteVm, deleteVolume } from "./agent.js";
-import { LABEL_ENV, LABEL_MANAGED, LABEL_MEMBER, MANAGED_BY } from "./model.js";
+import { type EnvRecord, LABEL_ENV, LABEL_MANAGED, LABEL_MEMBER, MANAGED_BY } from "./model.js";
 import { type ClaimRecord, type EnvDeps, readEnv } from "./ops.js";
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -28,6 +34,8 @@ export interface CollectorCounters {
   claimsReleased: number;
   vmsRemoved: number;
   volumesRemoved: number;
+  addressesReleased: number;
+  addressesAdopted: number;
   errors: number;
 }
 
@@ -37,6 +45,8 @@ export class Collector {
     claimsReleased: 0,
     vmsRemoved: 0,
     volumesRemoved: 0,
+    addressesReleased: 0,
+    addressesAdopted: 0,
     errors: 0,
   };
   #timer: NodeJS.Timeout | undefined;
@@ -71,11 +81,12 @@ export class Collector {
     await this.#running;
   }
 
-  /** One pass: expired claims, then VMs and volumes nobody owns. */
+  /** One pass: expired claims, then VMs and volumes nobody owns, then addresses. */
   async runOnce(): Promise<void> {
     this.counters.runs += 1;
     await this.collectClaims();
     await this.collectOrphans();
+    await this.collectAddresses();
   }
 
   async collectClaims(): Promise<void> {
@@ -108,6 +119,7 @@ export class Collector {
         await this.deps.fleet.release(tx, cur.agent, usage);
         tx.del(key);
         if (e && m) {
+          await releaseAddresses(tx, e.id, m);
           e.members = e.members.filter((x) => x.id !== cur.member);
           e.updateMs = now;
           if (e.members.length === 0 && e.createOp === cur.op) tx.del(keys.env(e.id));
@@ -187,5 +199,66 @@ export class Collector {
         this.#log.warn({ err, agent: `agents/${view.id}` }, "collector could not check an agent");
       }
     }
+  }
+
+  /** Drops holdings of addresses whose NIC is gone; records explicit addresses that nothing holds. */
+  async collectAddresses(): Promise<void> {
+    const { store } = this.deps;
+    const nicThere = (e: EnvRecord | undefined, h: AddressHolding, network: string) =>
+      e?.members.some(
+        (m) => m.id === h.member && nicsOf(m).some((n) => n.id === h.nic && n.network === network),
+      ) ?? false;
+    for (const [key, h] of await store.list<AddressHolding>(keys.addressPrefix())) {
+      const network = `networks/${key.split("/")[1]}`;
+      const dropped = await store.transact(async (tx) => {
+        const cur = await tx.get<AddressHolding>(key);
+        if (!cur || nicThere(await readEnv(tx, cur.env), cur, network)) return false;
+        tx.del(key);
+        return true;
+      });
+      if (!dropped) continue;
+      this.counters.addressesReleased += 1;
+      this.#log.info(
+        { address: key, environment: `environments/${h.env}`, member: h.member, nic: h.nic },
+        "collector released an address no member's NIC holds",
+      );
+    }
+    const views = this.deps.fleet.views();
+    for (const [, e] of await store.list<EnvRecord>(keys.envPrefix))
+      for (const m of e.members)
+        for (const nic of nicsOf(m)) {
+          if (!nic.ipAddress || !nic.network) continue;
+          let network: string;
+          try {
+            const seg = segmentOf(views, m.agent, nic.network);
+            if (!seg) continue;
+            network = seg.network;
+          } catch {
+            continue; // NETWORK_MISMATCH: the operator must settle the network first
+          }
+          const key = keys.address(network, nic.ipAddress);
+          const h: AddressHolding = { env: e.id, member: m.id, nic: nic.id ?? "" };
+          const outcome = await store.transact(async (tx) => {
+            const cur = await tx.get<AddressHolding>(key);
+            if (cur)
+              return cur.env === h.env && cur.member === h.member && cur.nic === h.nic ? "held" : "other";
+            const now = (await readEnv(tx, e.id))?.members.find((x) => x.id === m.id);
+            if (!now || !nicsOf(now).some((n) => n.id === nic.id && n.ipAddress === nic.ipAddress))
+              return "gone";
+            tx.put(key, h);
+            return "adopted";
+          });
+          if (outcome === "adopted") {
+            this.counters.addressesAdopted += 1;
+            this.#log.info(
+              { address: key, environment: `environments/${e.id}`, member: m.id, nic: nic.id },
+              "collector recorded an address a member had without a holding",
+            );
+          } else if (outcome === "other")
+            this.#log.warn(
+              { address: key, environment: `environments/${e.id}`, member: m.id, nic: nic.id },
+              "a member's address on a shared network is held by another NIC: give one of them another address",
+            );
+        }
   }
 }

@@ -140,6 +140,12 @@ export function balancerFor(
   delete spec.disks;
   delete spec.gpus;
   delete spec.pinning;
+  // The same networks, but the balancer's own MACs and addresses (the first member's are its own).
+  if (Array.isArray(spec.nics))
+    spec.nics = spec.nics.map((n) => {
+      const { macAddress: _mac, ipAddress: _ip, ...rest } = n as Record<string, JsonValue>;
+      return rest;
+    });
   return {
     id,
     role: `${role}-lb`,

@@ -17,6 +17,7 @@ import type { AgentClients, Clock } from "../ports.js";
 import { keys } from "../store/keys.js";
 import type { JsonValue, Store, StoreReader, Txn } from "../store/store.js";
 import type { EffectivePolicy } from "../tree/domain.js";
+import { assignAddresses, nicsOf, releaseAddresses } from "./addresses.js";
 import {
   type AgentTarget,
   deleteVm,
@@ -146,8 +147,9 @@ async function dropClaims(tx: Txn, env: string, member?: string): Promise<void> 
 }
 
 /**
- * Gives back what member `id` of `e` counts (tree and agent), drops its claims and removes it from the
- * record, in `tx`. A member no longer in the record was released already: nothing happens.
+ * Gives back what member `id` of `e` counts (tree and agent) and the addresses it holds on shared
+ * networks, drops its claims and removes it from the record, in `tx`. A member no longer in the record
+ * was released already: nothing happens.
  */
 async function releaseMember(deps: EnvDeps, tx: Txn, e: EnvRecord, id: string): Promise<void> {
   const m = e.members.find((x) => x.id === id);
@@ -155,6 +157,7 @@ async function releaseMember(deps: EnvDeps, tx: Txn, e: EnvRecord, id: string): 
   const u = memberUsage(m);
   await deps.tree.release(tx, e.node, u);
   if (m.agent) await deps.fleet.release(tx, m.agent, u);
+  await releaseAddresses(tx, e.id, m);
   await dropClaims(tx, e.id, id);
   e.members = e.members.filter((x) => x.id !== id);
 }
@@ -211,10 +214,9 @@ interface PlacementJson {
 }
 
 function networksOf(m: MemberRecord): string[] {
-  const nics = ((m.spec as { nics?: Array<{ network?: string }> } | null)?.nics ?? []) as Array<{
-    network?: string;
-  }>;
-  return nics.map((n) => n.network ?? "").filter(Boolean);
+  return nicsOf(m)
+    .map((n) => n.network ?? "")
+    .filter(Boolean);
 }
 
 export function placementRequest(
@@ -410,14 +412,17 @@ function createKind(deps: EnvDeps): OperationKind {
           await ctx.save({ members });
           ctx.onComplete(async (tx) => {
             if (await readEnv(tx, inp.env)) throw alreadyExists("environment", `environments/${inp.env}`);
-            await claim(deps, tx, ctx.op, inp.env, inp.node, members);
+            // Addresses on shared networks are chosen here, where transactions are serialised, and go
+            // into the record's specs, which the VM steps (and retries, resumes, moves) give the agents.
+            const addressed = await assignAddresses(tx, deps.fleet.views(), inp.env, members);
+            await claim(deps, tx, ctx.op, inp.env, inp.node, addressed);
             const now = deps.clock.now();
             const rec: EnvRecord = {
               id: inp.env,
               node: inp.node,
               description: inp.description,
               labels: inp.labels,
-              members,
+              members: addressed,
               transition: "CREATING",
               failed: false,
               stateMessage: "",
@@ -578,9 +583,10 @@ function addMemberKind(deps: EnvDeps): OperationKind {
           ctx.onComplete(async (tx) => {
             const cur = await readEnv(tx, inp.env);
             if (!cur) throw envNotFound(inp.env);
-            await claim(deps, tx, ctx.op, inp.env, cur.node, added);
+            const addressed = await assignAddresses(tx, deps.fleet.views(), inp.env, added);
+            await claim(deps, tx, ctx.op, inp.env, cur.node, addressed);
             const order = plan.members.map((m) => m.id);
-            cur.members = [...cur.members, ...added]
+            cur.members = [...cur.members, ...addressed]
               .map((m) => ({ ...m, outputs: outputs[m.id] ?? m.outputs }))
               .sort((a, b) => order.indexOf(a.id) - order.indexOf(b.id));
             cur.updateMs = deps.clock.now();

@@ -1,8 +1,8 @@
 /**
  * EnvironmentService: checks requests completely before anything starts (INVALID_ARGUMENT with every
- * offending field, NOT_FOUND for an unknown node, and — by a dry run of hooks, placement and the tree's
- * quota check — NO_AGENT_FITS or QUOTA_EXCEEDED), then starts the operation kind (ops.ts) and returns
- * the operation.
+ * offending field, NOT_FOUND for an unknown node, and — by a dry run of hooks, placement, the tree's
+ * quota check and the addresses on shared networks — NO_AGENT_FITS, QUOTA_EXCEEDED, IP_ADDRESS_IN_USE,
+ * NETWORK_FULL or NETWORK_MISMATCH), then starts the operation kind (ops.ts) and returns the operation.
  */
 
 import { toJson } from "@bufbuild/protobuf";
@@ -21,6 +21,7 @@ import { alreadyExists, type FieldViolation, invalidArgument, notFound, VmenvErr
 import type { OpRecord } from "../ops/types.js";
 import { keys } from "../store/keys.js";
 import type { JsonValue } from "../store/store.js";
+import { assignAddresses } from "./addresses.js";
 import { envToPb, fingerprint, memberFromPb } from "./convert.js";
 import { builtinKinds, planAdd } from "./kinds.js";
 import { MIGRATE_KIND, type MigrateInput, selectMembers } from "./migrate.js";
@@ -221,17 +222,31 @@ export function environmentService(deps: EnvServiceDeps): ServiceBinding {
     });
   };
 
-  /** Hooks, placement and the tree's quota, tried without writing anything. */
-  const dryRun = async (env: string, node: string, existing: MemberRecord[], adding: MemberRecord[]) => {
+  /**
+   * Hooks, placement, the tree's quota and the addresses on shared networks, tried without writing
+   * anything. `field(i)` is the path of the i-th member of `adding` in the request.
+   */
+  const dryRun = async (
+    env: string,
+    node: string,
+    existing: MemberRecord[],
+    adding: MemberRecord[],
+    field: (i: number) => string,
+  ) => {
     const plan = planAdd(
       { id: env, node, labels: {}, members: existing },
       adding,
       deps.kinds ?? builtinKinds,
     );
-    await placeMembers(deps, node, plan.added, existing);
+    const placed = await placeMembers(deps, node, plan.added, existing);
+    const nicField = (member: string, nic: number) => {
+      const i = adding.findIndex((m) => m.id === member);
+      return `${i < 0 ? `members[${member}]` : field(i)}.spec.nics[${nic}].ip_address`;
+    };
     try {
       await store.transact(async (tx) => {
         await deps.tree.charge(tx, node, envUsage(plan.added));
+        await assignAddresses(tx, deps.fleet.views(), env, placed, nicField);
         throw new DryRun();
       });
     } catch (err) {
@@ -283,7 +298,7 @@ export function environmentService(deps: EnvServiceDeps): ServiceBinding {
           // the first operation was pruned: a new one finds the environment there and succeeds
         }
       } else {
-        await dryRun(req.environmentId, node, [], members);
+        await dryRun(req.environmentId, node, [], members, (i) => `environment.members[${i}]`);
       }
       const input: CreateInput = {
         env: req.environmentId,
@@ -353,7 +368,7 @@ export function environmentService(deps: EnvServiceDeps): ServiceBinding {
       const violations = checkMembers(id, [req.member], () => "member", e.members);
       if (violations.length > 0) throw invalid(violations);
       const member = memberFromPb(req.member);
-      await dryRun(id, e.node, e.members, [member]);
+      await dryRun(id, e.node, e.members, [member], () => "member");
       const input: AddMemberInput = { env: id, member };
       return op(
         engine.start("environment.add_member", `environments/${id}`, input, {

@@ -12,11 +12,12 @@ import { capacityFromHost, Fleet, HEARTBEAT_PERSIST_MS } from "./fleet.js";
 
 const GIB = 1024n ** 3n;
 
-/** A fake agent: answers or not, as the test says. */
+/** A fake agent: answers or not, as the test says. Its networks are uplinked when in `uplinked`. */
 class FakeAgent {
   up = true;
   calls = 0;
   networks = ["networks/lan"];
+  uplinked = new Set<string>();
   info: HostInfo = create(HostInfoSchema, {
     hostname: "h1",
     cpu: { threads: 4 },
@@ -41,7 +42,13 @@ class FakeAgent {
       networks: {
         listNetworks: async () => {
           if (!this.up) throw fail();
-          return { networks: this.networks.map((name) => ({ name })), nextPageToken: "" };
+          const networks = this.networks.map((name, i) => ({
+            name,
+            cidr: `10.${i}.0.0/24`,
+            gateway: `10.${i}.0.1`,
+            uplink: this.uplinked.has(name) ? "eth1" : "",
+          }));
+          return { networks, nextPageToken: "" };
         },
       },
     } as unknown as AgentClients;
@@ -156,6 +163,31 @@ describe("Fleet: registration", () => {
       allocated: { vms: 1, vcpus: 2 },
       capacity: { vcpus: 12 },
     });
+  });
+
+  it("loads an agent record without network details (written before ADR 20) and learns them at the next beat", async () => {
+    const { fleet, store, fake } = setup();
+    await store.transact(async (tx) => {
+      tx.put(keys.agent("a1"), {
+        address: "10.0.0.1:7443",
+        labels: {},
+        cordoned: false,
+        cordonReason: "",
+        down: false,
+        downMessage: "",
+        networks: ["networks/lan"],
+        createMs: 1,
+        updateMs: 1,
+        gen: 1,
+      });
+    });
+    await fleet.start();
+    expect(fleet.get("a1")).toMatchObject({ state: "ready", networks: ["networks/lan"], networkDetails: [] });
+    fake("10.0.0.1:7443").uplinked.add("networks/lan");
+    await fleet.heartbeatOnce();
+    const lan = { name: "networks/lan", cidr: "10.0.0.0/24", gateway: "10.0.0.1", uplink: "eth1" };
+    expect(fleet.get("a1").networkDetails).toEqual([lan]);
+    expect(await store.get(keys.agent("a1"))).toMatchObject({ networkDetails: [lan] });
   });
 });
 

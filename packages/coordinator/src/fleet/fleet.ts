@@ -40,9 +40,9 @@ import {
 import type { AgentClients, Clock } from "../ports.js";
 import { keys } from "../store/keys.js";
 import type { JsonValue, Store, Txn } from "../store/store.js";
-import type { AgentCapacity, AgentStateName } from "./types.js";
+import type { AgentCapacity, AgentNetwork, AgentStateName } from "./types.js";
 
-export type { AgentCapacity, AgentStateName } from "./types.js";
+export type { AgentCapacity, AgentNetwork, AgentStateName } from "./types.js";
 
 /** An agent as the rest of the coordinator sees it. */
 export interface AgentView {
@@ -64,6 +64,11 @@ export interface AgentView {
   allocated: Usage;
   /** Networks present on the agent, "networks/x". */
   networks: string[];
+  /**
+   * The same networks with their CIDR, gateway and uplink (a network with an uplink is shared with the
+   * other agents that report it with one: ADR 20). Absent or empty: not known yet.
+   */
+  networkDetails?: AgentNetwork[];
   createMs: number;
   updateMs: number;
   /** Changes with address, labels and state (not with heartbeats). */
@@ -169,6 +174,8 @@ interface StoredAgent {
   /** HostInfo as proto JSON. */
   host?: JsonValue;
   networks: string[];
+  /** CIDR, gateway and uplink of each network; absent in records written before ADR 20. */
+  networkDetails?: AgentNetwork[];
   createMs: number;
   updateMs: number;
   /** Bumped on every change of address, labels or state: the etag. */
@@ -377,7 +384,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     if (same) return same;
     const clients = this.#connect(address);
     let host: HostInfo;
-    let networks: string[];
+    let networks: AgentNetwork[];
     try {
       ({ host, networks } = await this.#probe(clients, id, address));
     } catch (err) {
@@ -394,7 +401,8 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
       downMessage: "",
       lastHeartbeatMs: now,
       host: toJson(HostInfoSchema, host) as JsonValue,
-      networks,
+      networks: networks.map((n) => n.name),
+      networkDetails: networks,
       createMs: now,
       updateMs: now,
       gen: 1,
@@ -580,7 +588,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     e.inFlight = true;
     try {
       let info: HostInfo;
-      let networks: string[] | undefined;
+      let networks: AgentNetwork[] | undefined;
       try {
         info = await e.clients.host.getHostInfo({}, { timeoutMs: this.#callTimeoutMs });
         if (e.rec.down || e.beats % NETWORK_REFRESH_BEATS === 0)
@@ -599,13 +607,14 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
     }
   }
 
-  async #answered(e: Entry, info: HostInfo, networks: string[] | undefined): Promise<void> {
+  async #answered(e: Entry, info: HostInfo, networks: AgentNetwork[] | undefined): Promise<void> {
     if (this.#agents.get(e.id) !== e) return;
     const now = this.#o.clock.now();
     e.lastOkMs = now;
     e.host = info;
     e.lastError = "";
-    const netsChanged = networks !== undefined && networks.join("\n") !== e.rec.networks.join("\n");
+    const netsChanged =
+      networks !== undefined && JSON.stringify(networks) !== JSON.stringify(e.rec.networkDetails ?? []);
     if (!e.rec.down && !netsChanged && now - e.lastPersistMs < HEARTBEAT_PERSIST_MS) return;
     const wasDown = e.rec.down;
     // Held DOWN by a forced evacuation: the answer is kept (in memory); fencing waits for its end.
@@ -617,7 +626,10 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
       if (!rec) return undefined;
       if (rec.down && rec.evacuation) return undefined;
       const out: StoredAgent = { ...rec, lastHeartbeatMs: now, host: hostJson };
-      if (networks) out.networks = networks;
+      if (networks) {
+        out.networks = networks.map((n) => n.name);
+        out.networkDetails = networks;
+      }
       if (rec.down) {
         out.down = false;
         out.downMessage = "";
@@ -861,6 +873,7 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
       capacity: capacityFromHost(e.host),
       allocated: { ...e.alloc },
       networks: [...r.networks],
+      networkDetails: (r.networkDetails ?? []).map((n) => ({ ...n })),
       createMs: r.createMs,
       updateMs: r.updateMs,
       etag: String(r.gen),
@@ -969,15 +982,17 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
   }
 }
 
-async function listNetworks(c: AgentClients, timeoutMs: number): Promise<string[]> {
-  const out: string[] = [];
+/** The agent's networks, by name. */
+async function listNetworks(c: AgentClients, timeoutMs: number): Promise<AgentNetwork[]> {
+  const out: AgentNetwork[] = [];
   let pageToken = "";
   do {
     const r = await c.networks.listNetworks({ pageSize: 1000, pageToken }, { timeoutMs });
-    for (const n of r.networks) out.push(n.name);
+    for (const n of r.networks)
+      out.push({ name: n.name, cidr: n.cidr, gateway: n.gateway, uplink: n.uplink });
     pageToken = r.nextPageToken;
   } while (pageToken);
-  return out.sort();
+  return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 
 /**

@@ -15,3 +15,19 @@ export interface AgentCapacity {
   gpus: number;
   gpuMemoryBytes: bigint;
 }
+
+/**
+ * A network as an agent reports it (ListNetworks), reduced to what the coordinator needs to tell a
+ * shared network from a local one and to allocate its addresses (ADR 20).
+ */
+export interface AgentNetwork {
+  [k: string]: string;
+  /** `networks/{network}`. */
+  name: string;
+  /** IPv4 subnet, e.g. "10.20.0.0/24". */
+  cidr: string;
+  /** The guests' default gateway. */
+  gateway: string;
+  /** The host interface joining it to a segment shared with other hosts; "" for a local network. */
+  uplink: string;
+}

@@ -24,6 +24,8 @@
  * | `rebalance/{env}`                    | the rebalancer's last move of the environment:      |
  * |                                      | member, agents, request id, operation, start (its   |
  * |                                      | cooldown runs from the operation's end)             |
+ * | `addr/{network}/{address}`           | an address of a shared (uplinked) network held by a |
+ * |                                      | member's NIC: environment, member, NIC id (ADR 20)   |
  *
  * Records of one change are written in one transaction (store.ts), e.g. a member's VM record, its
  * agent's `alloc/`, and `usage/` of every ancestor of its node.
@@ -52,6 +54,9 @@ export const keys = {
   movePrefix: "move/",
   rebalance: (env: string) => `rebalance/${env}`,
   rebalancePrefix: "rebalance/",
+  address: (network: string, ip: string) => `addr/${network}/${ip}`,
+  /** The addresses held on one network: `addressPrefix("lan")`; every network: `addressPrefix()`. */
+  addressPrefix: (network?: string) => (network === undefined ? "addr/" : `addr/${network}/`),
 } as const;
 
 /** The layout version this coordinator writes and reads. */

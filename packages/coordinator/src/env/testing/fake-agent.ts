@@ -21,10 +21,11 @@ import type { AgentClients } from "../../ports.js";
 const MIB = 1024n * 1024n;
 
 /**
- * An agent in memory for the environment unit tests: VMs and volumes in maps, every operation done at
- * once (and kept, so WaitOperation returns it as it ended); `log` lists the creations and deletions.
- * `failCreateVm` makes CreateVm's operation fail. For a real Fleet it answers heartbeats (GetHostInfo
- * with `capacity`, ListNetworks) while `reachable`.
+ * An agent in memory for the environment unit tests: VMs (with the spec they were created with) and
+ * volumes in maps, every operation done at once (and kept, so WaitOperation returns it as it ended);
+ * `log` lists the creations and deletions. `failCreateVm` makes CreateVm's operation fail. For a real
+ * Fleet it answers heartbeats (GetHostInfo with `capacity`, ListNetworks with `networks`) while
+ * `reachable`.
  */
 export class FakeAgent {
   readonly vms = new Map<string, Vm>();
@@ -36,6 +37,8 @@ export class FakeAgent {
   reachable = true;
   /** What it offers to VMs (HostInfo.capacity). */
   capacity = { vcpus: 8, memoryBytes: 4096n * MIB };
+  /** What ListNetworks reports. */
+  networks: Array<{ name: string; cidr: string; gateway: string; uplink: string }> = [];
   #n = 0;
   constructor(readonly id: string) {}
 
@@ -64,6 +67,20 @@ export class FakeAgent {
     return vm;
   }
 
+  /** Defines VM `name` from a request's labels and spec, in `state`. */
+  protected define(name: string, vm: Pick<Vm, "labels" | "spec">, state: VmState): void {
+    this.vms.set(
+      name,
+      create(VmSchema, {
+        name,
+        labels: { ...vm.labels },
+        ...(vm.spec ? { spec: vm.spec } : {}),
+        state,
+        etag: "1",
+      }),
+    );
+  }
+
   /** VMs that run (the guest executes) here. */
   running(): string[] {
     return [...this.vms.values()].filter((v) => v.state === VmState.RUNNING).map((v) => v.name);
@@ -73,14 +90,11 @@ export class FakeAgent {
     return {
       getVm: async (r: { name: string }) => this.vm(r.name),
       listVms: async () => ({ vms: [...this.vms.values()], nextPageToken: "" }),
-      createVm: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
+      createVm: async (r: { vmId: string; vm: Pick<Vm, "labels" | "spec"> }) => {
         const name = `vms/${r.vmId}`;
         if (this.failCreateVm) return this.op("vm.create", name, { error: "no room for the VMM" });
         if (!this.vms.has(name)) {
-          this.vms.set(
-            name,
-            create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.STOPPED, etag: "1" }),
-          );
+          this.define(name, r.vm, VmState.STOPPED);
           this.log.push(`+${name}`);
         }
         return this.op("vm.create", name);
@@ -177,7 +191,9 @@ export class FakeAgent {
       blocks,
       diagnostics: this.diagnosticsMethods(),
       host: this.hostMethods(),
-      networks: { listNetworks: async () => ({ networks: [], nextPageToken: "" }) },
+      networks: {
+        listNetworks: async () => ({ networks: this.networks.map((n) => ({ ...n })), nextPageToken: "" }),
+      },
     } as unknown as AgentClients;
   }
 }
@@ -201,10 +217,10 @@ export class MigratingFakeAgent extends FakeAgent {
         if (this.fail.has("deleteVm")) throw new ConnectError("disk on fire", Code.Internal);
         return base.deleteVm(r);
       },
-      prepareVmMigration: async (r: { vmId: string; vm: { labels: Record<string, string> } }) => {
+      prepareVmMigration: async (r: { vmId: string; vm: Pick<Vm, "labels" | "spec"> }) => {
         const name = `vms/${r.vmId}`;
         if (this.fail.has("prepare")) throw new ConnectError("no incoming VMM", Code.FailedPrecondition);
-        this.vms.set(name, create(VmSchema, { name, labels: { ...r.vm.labels }, state: VmState.MIGRATING }));
+        this.define(name, r.vm, VmState.MIGRATING);
         return this.op("vm.prepare_migration", name, {
           result: create(VmMigrationTargetSchema, { vm: name, migrationUri: `tcp:${this.id}:4444` }),
         });

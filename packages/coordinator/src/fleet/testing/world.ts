@@ -11,7 +11,7 @@ import { type CreateInput, environmentKinds } from "../../env/ops.js";
 import { type RescheduleDeps, rescheduleKind } from "../../env/reschedule.js";
 import { MigratingFakeAgent } from "../../env/testing/fake-agent.js";
 import { acmeTree } from "../../env/testing/tree.js";
-import { OperationEngine } from "../../ops/engine.js";
+import { type EngineOptions, OperationEngine } from "../../ops/engine.js";
 import type { AgentClients } from "../../ports.js";
 import { keys } from "../../store/keys.js";
 import { memoryStore } from "../../store/memory.js";
@@ -41,18 +41,23 @@ function lazyClients(agent: () => MigratingFakeAgent): AgentClients {
  * A coordinator in memory for the fleet tests: a real Fleet (manual heartbeats, fenced by a real
  * Fencer) over migrating fake agents at `{id}:7443`, the memory store, the tree with node `acme`, and
  * an operation engine with the environment, migration, reschedule and evacuation kinds, member events
- * attached to the fleet. The clock is the test's (`tick`).
+ * attached to the fleet (`newEngine` makes another, e.g. one that crashes). The clock is the test's
+ * (`tick`). `opts.networks` gives what each agent's ListNetworks reports from the start.
  */
 export async function fleetWorld(
   ids: string[] = ["a1", "a2", "a3"],
   capacity = { vcpus: 8, memoryBytes: 1000n * MIB },
+  opts: { networks?: (agent: string) => MigratingFakeAgent["networks"] } = {},
 ) {
   const store = memoryStore();
   const clock = { t: 1_700_000_000_000, now: () => clock.t };
   const logger = pino({ level: "silent" });
   const tree = await acmeTree(store, clock);
   const agents = new Map(ids.map((id) => [id, new MigratingFakeAgent(id)]));
-  for (const a of agents.values()) a.capacity = { ...capacity };
+  for (const a of agents.values()) {
+    a.capacity = { ...capacity };
+    a.networks = opts.networks?.(a.id) ?? [];
+  }
   const agent = (id: string) => agents.get(id) as MigratingFakeAgent;
   const fencer = new Fencer({ store, clock, logger });
   const fleet = new Fleet({
@@ -70,28 +75,24 @@ export async function fleetWorld(
   await fleet.start();
   for (const id of ids) await fleet.register(id, `${id}:7443`, {});
   const deps: RescheduleDeps = { store, tree, fleet, clock, logger, reservationTtlMs: 60_000 };
-  const engine = new OperationEngine({ store, clock, logger, retry: { attempts: 0 } });
-  for (const k of environmentKinds(deps)) engine.register(k);
-  engine.register(migrateKind(deps));
-  engine.register(rescheduleKind(deps));
   const events = new MemberEvents(deps);
   events.attach(fleet);
-  engine.register(evacuateKind({ store, fleet, events }));
+  /** An engine over the world's store with every kind registered. */
+  const newEngine = (o: Partial<EngineOptions> = {}) => {
+    const e = new OperationEngine({ store, clock, logger, retry: { attempts: 0 }, ...o });
+    for (const k of environmentKinds(deps)) e.register(k);
+    e.register(migrateKind(deps));
+    e.register(rescheduleKind(deps));
+    e.register(evacuateKind({ store, fleet, events }));
+    return e;
+  };
+  const engine = newEngine();
 
   /** Creates (and starts) environment `env` on agent `on`: the other agents are cordoned meanwhile. */
   const createOn = async (on: string, env: string, members: MemberRecord[]) => {
     const others = ids.filter((id) => id !== on && fleet.get(id).state === "ready");
     for (const id of others) await fleet.cordon(id, "test setup");
-    const input: CreateInput = {
-      env,
-      node: "acme",
-      description: "",
-      labels: {},
-      members,
-      start: true,
-      fingerprint: env,
-    };
-    const op = await engine.start("environment.create", `environments/${env}`, input);
+    const op = await engine.start("environment.create", `environments/${env}`, createInput(env, members));
     const done = await engine.wait(op.id, 10_000);
     for (const id of others) await fleet.uncordon(id);
     expect(done.state, JSON.stringify(done.error)).toBe("succeeded");
@@ -115,6 +116,8 @@ export async function fleetWorld(
     agent,
     fleet,
     engine,
+    newEngine,
+    deps,
     events,
     createOn,
     env,
@@ -122,6 +125,11 @@ export async function fleetWorld(
     ops,
     beat,
   };
+}
+
+/** The input of an `environment.create` of `env` under node `acme`, started. */
+export function createInput(env: string, members: MemberRecord[]): CreateInput {
+  return { env, node: "acme", description: "", labels: {}, members, start: true, fingerprint: env };
 }
 
 /** A member of `memoryMib` MiB and `vcpus` vCPUs; `pin` puts it on an agent for good. */
