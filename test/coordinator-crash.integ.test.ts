@@ -1,30 +1,18 @@
-import { rm } from "node:fs/promises";
 import { Code } from "@connectrpc/connect";
-import { MemberState, type Operation, OperationState } from "@vmenv/api/coordinator/v1";
+import { MemberState, OperationState } from "@vmenv/api/coordinator/v1";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type RunningAgent, startAgent } from "./support/agent.js";
-import { type RunningCoordinator, startCoordinator } from "./support/coordinator.js";
 import {
   agentClients,
   type CoordinatorClients,
-  coordinatorClients,
+  type Fleet,
   failure,
   finalOp,
   guestMember,
-  registerAgents,
+  startFleet,
   succeeded,
   vmsOn,
 } from "./support/env.js";
-import { guestImage } from "./support/guest.js";
 
-const FLAGS = [
-  "--heartbeat-interval-ms",
-  "300",
-  "--heartbeat-timeout-ms",
-  "3000",
-  "--collector-interval-ms",
-  "60000",
-];
 const ENV = "crash";
 const MEMBERS = ["m-1", "m-2"];
 
@@ -35,33 +23,20 @@ const MEMBERS = ["m-1", "m-2"];
  * member (none after the delete), with the tree's usage matching.
  */
 describe("coordinator crash at every crash point of environment create and delete", () => {
-  const agents: RunningAgent[] = [];
-  let dir: string | undefined;
-  let coord: RunningCoordinator | undefined;
+  let fleet: Fleet;
 
-  const start = async (env: NodeJS.ProcessEnv = {}, extra: string[] = []) => {
-    coord = await startCoordinator([...FLAGS, ...extra], env, { keepDir: true, ...(dir ? { dir } : {}) });
-    dir = coord.dir;
-    return coordinatorClients(coord.socket);
-  };
-  const stop = async () => {
-    await coord?.stop();
-    coord = undefined;
-  };
+  const start = (env: NodeJS.ProcessEnv = {}, args: string[] = []) => fleet.startCoordinator({ env, args });
+  const stop = () => fleet.stopCoordinator();
 
   beforeAll(async () => {
-    await guestImage();
-    agents.push(await startAgent(), await startAgent());
-    const c = await start();
-    await registerAgents(c, agents);
-    await c.tree.createNode({ nodeId: "crashing", node: { policy: { maxVms: 2 } } });
+    fleet = await startFleet({
+      agents: 2,
+      collectorIntervalMs: 60_000,
+      node: { id: "crashing", policy: { maxVms: 2 } },
+    });
     await stop();
   }, 120_000);
-  afterAll(async () => {
-    await coord?.stop();
-    for (const a of agents) await a.stop();
-    if (dir) await rm(dir, { recursive: true, force: true });
-  });
+  afterAll(() => fleet?.stop());
 
   const createRequest = async (requestId: string) => ({
     environmentId: ENV,
@@ -81,14 +56,14 @@ describe("coordinator crash at every crash point of environment create and delet
   };
 
   const vmNames = async () =>
-    (await Promise.all(agents.map(vmsOn)))
+    (await Promise.all(fleet.agents.map(vmsOn)))
       .flat()
       .map((v) => v.name)
       .sort();
   const volumeNames = async () =>
     (
       await Promise.all(
-        agents.map(
+        fleet.agents.map(
           async (a) =>
             (
               await agentClients(a).blocks.listVolumes({
@@ -116,7 +91,7 @@ describe("coordinator crash at every crash point of environment create and delet
     expect(env.members.map((m) => m.id)).toEqual(MEMBERS);
     for (const m of env.members) {
       expect(m.state).toBe(MemberState.STOPPED);
-      const on = await vmsOn(agents[Number(m.agent.replace("agents/a", "")) - 1] as RunningAgent);
+      const on = await vmsOn(fleet.agentOf(m.agent));
       expect(on.map((v) => v.name)).toContain(`vms/${ENV}-${m.id}`);
     }
     expect(await vmNames()).toEqual(MEMBERS.map((m) => `vms/${ENV}-${m}`));
@@ -134,28 +109,6 @@ describe("coordinator crash at every crash point of environment create and delet
     expect(await allocatedVms(c)).toBe(0);
   }
 
-  /** Submits `call` (its reply may be lost to the crash), waits for the process to die, restarts, finds the op. */
-  async function crashAndRecover(
-    n: number,
-    requestId: string,
-    call: (c: CoordinatorClients) => Promise<Operation>,
-  ): Promise<{ c: CoordinatorClients; op: Operation }> {
-    const c0 = await start({ VMENV_COORDINATOR_CRASH_POINT: String(n) });
-    const crashed = coord as RunningCoordinator;
-    await call(c0).catch(() => undefined);
-    const how = await Promise.race([
-      crashed.exited,
-      new Promise((r) => setTimeout(() => r("alive"), 60_000)),
-    ]);
-    expect(how, `coordinator did not crash at point ${n}`).toBe("SIGKILL");
-    coord = undefined;
-    const c = await start();
-    const { operations } = await c.ops.listOperations({ requestId });
-    const op = operations[0];
-    if (!op) throw new Error(`no operation for request ${requestId} after crash point ${n}`);
-    return { c, op: await finalOp(c, op) };
-  }
-
   /** Counts the crash points an operation passes (debug log lines of one clean run). */
   function countPoints(log: string, op: string): number {
     return log
@@ -167,7 +120,7 @@ describe("coordinator crash at every crash point of environment create and delet
 
   it("converges after a crash at every point, with exactly one VM per member", async () => {
     // One clean run with debug logs counts the points of each operation.
-    let c = await start({}, ["--log-level", "debug"]);
+    const c = await start({}, ["--log-level", "debug"]);
     const created = await succeeded(c, c.envs.createEnvironment(await createRequest("count-create")));
     await expectCreated(c);
     const deleted = await succeeded(
@@ -179,7 +132,7 @@ describe("coordinator crash at every crash point of environment create and delet
     expect(failed.state).toBe(OperationState.FAILED);
     expect(failed.error?.message).toContain("/nonexistent/vmlinuz");
     await expectGone(c);
-    const log = (coord as RunningCoordinator).log();
+    const log = fleet.coord.log();
     const createPoints = countPoints(log, created.name);
     const deletePoints = countPoints(log, deleted.name);
     const rollbackPoints = countPoints(log, failed.name);
@@ -191,36 +144,28 @@ describe("coordinator crash at every crash point of environment create and delet
     const outcomes: string[] = [];
     for (let n = 1; n <= createPoints; n++) {
       const rid = `create-${n}`;
-      const r = await crashAndRecover(n, rid, async (x) =>
-        x.envs.createEnvironment(await createRequest(rid)),
-      );
-      c = r.c;
-      outcomes.push(`${n}:${OperationState[r.op.state].toLowerCase()}`);
-      if (r.op.state === OperationState.SUCCEEDED) await expectCreated(c);
+      const op = await fleet.crashAt(n, rid, async (x) => x.envs.createEnvironment(await createRequest(rid)));
+      outcomes.push(`${n}:${OperationState[op.state].toLowerCase()}`);
+      if (op.state === OperationState.SUCCEEDED) await expectCreated(c);
       else {
-        expect(r.op.state, `create after crash point ${n}: ${r.op.error?.message}`).toBe(
-          OperationState.FAILED,
-        );
+        expect(op.state, `create after crash point ${n}: ${op.error?.message}`).toBe(OperationState.FAILED);
         await expectGone(c);
       }
-      if (r.op.state === OperationState.SUCCEEDED)
+      if (op.state === OperationState.SUCCEEDED)
         await succeeded(c, c.envs.deleteEnvironment({ name: `environments/${ENV}` }));
       await expectGone(c);
       await stop();
     }
 
     for (let n = 1; n <= deletePoints; n++) {
-      c = await start();
+      await start();
       await succeeded(c, c.envs.createEnvironment(await createRequest(`setup-${n}`)));
       await stop();
       const rid = `delete-${n}`;
-      const r = await crashAndRecover(n, rid, (x) =>
+      const op = await fleet.crashAt(n, rid, (x) =>
         x.envs.deleteEnvironment({ name: `environments/${ENV}`, requestId: rid }),
       );
-      c = r.c;
-      expect(r.op.state, `delete after crash point ${n}: ${r.op.error?.message}`).toBe(
-        OperationState.SUCCEEDED,
-      );
+      expect(op.state, `delete after crash point ${n}: ${op.error?.message}`).toBe(OperationState.SUCCEEDED);
       await expectGone(c);
       await stop();
     }
@@ -228,11 +173,10 @@ describe("coordinator crash at every crash point of environment create and delet
     // ends FAILED with nothing left.
     for (let n = 1; n <= rollbackPoints; n++) {
       const rid = `failing-${n}`;
-      const r = await crashAndRecover(n, rid, async (x) =>
+      const op = await fleet.crashAt(n, rid, async (x) =>
         x.envs.createEnvironment(await failingRequest(rid)),
       );
-      c = r.c;
-      expect(r.op.state, `failing create after crash point ${n}`).toBe(OperationState.FAILED);
+      expect(op.state, `failing create after crash point ${n}`).toBe(OperationState.FAILED);
       await expectGone(c);
       await stop();
     }

@@ -7,40 +7,28 @@ import { addUsage, usageFromStore, usageToStore } from "../packages/coordinator/
 import { keys } from "../packages/coordinator/src/store/keys.js";
 import { openLevelStore } from "../packages/coordinator/src/store/level.js";
 import { ResourceTree } from "../packages/coordinator/src/tree/tree.js";
-import { cliMain, type RunningAgent, run, startAgent } from "./support/agent.js";
-import { type RunningCoordinator, startCoordinator } from "./support/coordinator.js";
+import { cliMain, run } from "./support/agent.js";
 import {
   agentClients,
   type CoordinatorClients,
-  coordinatorClients,
   envOf,
+  type Fleet,
   failure,
   finalOp,
   guestMember,
-  registerAgents,
+  startFleet,
   succeeded,
   vmsOn,
 } from "./support/env.js";
 import { guestImage } from "./support/guest.js";
 import { MIB, until } from "./support/vm.js";
 
-const FLAGS = [
-  "--heartbeat-interval-ms",
-  "300",
-  "--heartbeat-timeout-ms",
-  "3000",
-  "--collector-interval-ms",
-  "300",
-];
-
 describe("environments: real coordinator, two real agents, QEMU under TCG", () => {
-  let coord: RunningCoordinator | undefined;
+  let fleet: Fleet;
   let c: CoordinatorClients;
-  const agents: RunningAgent[] = [];
-  let ids: string[] = [];
 
-  const agentOf = (id: string) => agents[ids.indexOf(id.replace(/^agents\//, ""))] as RunningAgent;
-  const allVms = async () => (await Promise.all(agents.map(vmsOn))).flat();
+  const agentOf = (id: string) => fleet.agentOf(id);
+  const allVms = async () => (await Promise.all(fleet.agents.map(vmsOn))).flat();
   const zeroUsage = { vms: 0, vcpus: 0, memoryBytes: 0n, blockBytes: 0n, gpus: 0, gpuMemoryBytes: 0n };
   const usageOf = async (node: string) => {
     const u = (await c.tree.getNode({ name: `nodes/${node}` })).usage;
@@ -50,29 +38,19 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
     };
   };
   const vmenv = (...args: string[]) =>
-    run(process.execPath, [cliMain, "--coordinator", (coord as RunningCoordinator).socket, ...args], {
+    run(process.execPath, [cliMain, "--coordinator", fleet.coord.socket, ...args], {
       timeoutMs: 60_000,
     });
   const allocated = async () =>
     Promise.all(
-      ids.map(async (id) => (await c.agents.getAgent({ name: `agents/${id}` })).allocated?.vms ?? 0),
+      fleet.ids.map(async (id) => (await c.agents.getAgent({ name: `agents/${id}` })).allocated?.vms ?? 0),
     );
 
   beforeAll(async () => {
-    await guestImage();
-    agents.push(await startAgent(), await startAgent());
-    coord = await startCoordinator(FLAGS, {}, { keepDir: true });
-    c = coordinatorClients(coord.socket);
-    ids = await registerAgents(c, agents);
+    fleet = await startFleet({ agents: 2, collectorIntervalMs: 300 });
+    c = fleet.c;
   }, 120_000);
-  afterAll(async () => {
-    for (const a of agents) await a.stop();
-    await coord?.stop();
-    if (coord)
-      await import("node:fs/promises").then((fs) =>
-        fs.rm((coord as RunningCoordinator).dir, { recursive: true, force: true }),
-      );
-  });
+  afterAll(() => fleet?.stop());
 
   it("places web×2 (hard anti-affinity) + db on two agents, adds web-lb, runs, suspends, resumes, stops and destroys it", async () => {
     await c.tree.createNode({
@@ -193,7 +171,7 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
     await succeeded(c, c.envs.deleteEnvironment({ name: "environments/shop" }));
     expect((await failure(c.envs.getEnvironment({ name: "environments/shop" }))).code).toBe(Code.NotFound);
     expect(await allVms()).toEqual([]);
-    for (const a of agents) {
+    for (const a of fleet.agents) {
       const { volumes } = await agentClients(a).blocks.listVolumes({
         labels: { "vmenv.dev/managed-by": "vmenv-coordinator" },
       });
@@ -358,7 +336,7 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
     expect(op.steps.find((s) => s.id === "vm.ok-1")?.state).toBe(StepState.ROLLED_BACK);
     expect((await failure(c.envs.getEnvironment({ name: "environments/roll" }))).code).toBe(Code.NotFound);
     expect(await allVms()).toEqual([]);
-    for (const a of agents)
+    for (const a of fleet.agents)
       expect(
         (await agentClients(a).blocks.listVolumes({ labels: { "vmenv.dev/environment": "roll" } })).volumes,
       ).toEqual([]);
@@ -369,7 +347,7 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
   it("collects a VM nobody owns and an expired reservation", async () => {
     // A VM with the coordinator's labels that no environment has: the collector removes it.
     const { kernel, initrd } = await guestImage();
-    const a1 = agents[0] as RunningAgent;
+    const a1 = agentOf("a1");
     const vms = createDaemonClient(VmService, { socket: a1.socket, timeoutMs: 60_000 });
     await vms.createVm({
       vmId: "ghost-m",
@@ -403,15 +381,14 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
       30_000,
       "ghost VM collected",
     );
-    expect((await coord?.log()) ?? "").toContain("collector removed a VM no environment member owns");
+    expect(fleet.coord.log()).toContain("collector removed a VM no environment member owns");
     await vms.deleteVm({ name: "vms/mine", force: true });
 
     // A reservation left by an operation that no longer exists (written as a crash would leave it:
     // claim, tree usage and agent allocation in one batch) is released once past its deadline.
     await c.tree.createNode({ nodeId: "held", node: { policy: { maxVms: 1 } } });
-    const crd = coord as RunningCoordinator;
-    await crd.stop();
-    const store = await openLevelStore(crd.dataDir);
+    await fleet.stopCoordinator();
+    const store = await openLevelStore(fleet.coord.dataDir);
     const u = { vms: 1, vcpus: 1, memoryBytes: 128n * MIB, blockBytes: 0n, gpus: 0, gpuMemoryBytes: 0n };
     await store.transact(async (tx) => {
       await new ResourceTree(store, { now: Date.now }).charge(tx, "held", u);
@@ -428,8 +405,7 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
       });
     });
     await store.close();
-    coord = await startCoordinator(FLAGS, {}, { dir: crd.dir, keepDir: true });
-    c = coordinatorClients(coord.socket);
+    await fleet.startCoordinator();
     await until(
       () => usageOf("held"),
       (x) => x.vms === 0,
@@ -437,7 +413,7 @@ describe("environments: real coordinator, two real agents, QEMU under TCG", () =
       "reservation released",
     );
     expect(await allocated()).toEqual([0, 0]);
-    expect(coord.log()).toContain("collector released an expired reservation");
+    expect(fleet.coord.log()).toContain("collector released an expired reservation");
     // The room is usable again.
     const ok = await finalOp(
       c,

@@ -5,7 +5,6 @@
  * the source, or the destination once finish succeeded — the operation's state says which, and nothing
  * is left on the other agent.
  */
-import { rm } from "node:fs/promises";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { VmState } from "@vmenv/api/agent/v1";
@@ -18,62 +17,34 @@ import {
   StepState,
 } from "@vmenv/api/coordinator/v1";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { killProcessesUnder, type RunningAgent, startAgent } from "./support/agent.js";
-import { type RunningCoordinator, startCoordinator } from "./support/coordinator.js";
+import { killProcessesUnder } from "./support/agent.js";
 import {
   agentClients,
   type CoordinatorClients,
-  coordinatorClients,
+  type Fleet,
   finalOp,
   guestMember,
-  registerAgents,
+  startFleet,
   succeeded,
   vmsOn,
 } from "./support/env.js";
-import { guestImage } from "./support/guest.js";
 import { MIB, qemusUnder, until } from "./support/vm.js";
-
-const FLAGS = [
-  "--heartbeat-interval-ms",
-  "300",
-  "--heartbeat-timeout-ms",
-  "3000",
-  "--collector-interval-ms",
-  "500",
-];
 
 const FINAL = [OperationState.SUCCEEDED, OperationState.FAILED, OperationState.CANCELLED];
 
 describe("live migration under faults: real coordinator, three real agents, QEMU under TCG", () => {
-  let dir: string | undefined;
-  let coord: RunningCoordinator | undefined;
+  let fleet: Fleet;
   let c: CoordinatorClients;
-  const agents: RunningAgent[] = [];
-  const ids = ["a1", "a2", "a3"];
   /** The crash points of a one-member migration, in order, as the clean run logged them. */
   let points: { step: string; phase: string }[] = [];
 
-  const start = async (env: NodeJS.ProcessEnv = {}, extra: string[] = []) => {
-    coord = await startCoordinator([...FLAGS, ...extra], env, { keepDir: true, ...(dir ? { dir } : {}) });
-    dir = coord.dir;
-    c = coordinatorClients(coord.socket);
-    return c;
-  };
-  const stop = async () => {
-    await coord?.stop();
-    coord = undefined;
-  };
-  const agentOf = (id: string) => agents[ids.indexOf(id.replace(/^agents\//, ""))] as RunningAgent;
-  const portOf = (a: RunningAgent) => a.address.slice(a.address.lastIndexOf(":") + 1);
+  const start = (env: NodeJS.ProcessEnv = {}, args: string[] = []) => fleet.startCoordinator({ env, args });
+  const stop = () => fleet.stopCoordinator();
+  const agentOf = (id: string) => fleet.agentOf(id);
   /** Restarts an agent (killed before) on the same state and port, so the coordinator finds it again. */
   const restartAgent = async (id: string) => {
-    const old = agentOf(id);
     const since = Date.now();
-    agents[ids.indexOf(id)] = await startAgent(
-      ["--listen", `127.0.0.1:${portOf(old)}`],
-      {},
-      { dir: old.dir },
-    );
+    await fleet.restartAgent(id);
     // Back in the fleet (after its fencing), and the coordinator has heard from the new process (not
     // READY only because the deadline has not passed yet), before anything is asked of it.
     await until(
@@ -95,17 +66,13 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
     (await c.agents.getAgent({ name: `agents/${id}` })).allocated?.vms ?? 0;
 
   beforeAll(async () => {
-    await guestImage();
-    agents.push(await startAgent(), await startAgent(), await startAgent());
-    await start();
-    await registerAgents(c, agents);
-    await c.tree.createNode({ nodeId: "acme", node: { policy: { maxVms: 8, maxMemoryBytes: 2048n * MIB } } });
+    fleet = await startFleet({
+      agents: 3,
+      node: { id: "acme", policy: { maxVms: 8, maxMemoryBytes: 2048n * MIB } },
+    });
+    c = fleet.c;
   }, 120_000);
-  afterAll(async () => {
-    await coord?.stop();
-    for (const a of agents) await a.stop();
-    if (dir) await rm(dir, { recursive: true, force: true });
-  });
+  afterAll(() => fleet?.stop());
 
   /** A member running the test guest, placed on `agent`. */
   const placed = async (id: string, agent: string) =>
@@ -160,34 +127,6 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
     return op.state === OperationState.SUCCEEDED ? to : from;
   };
 
-  /**
-   * Starts a coordinator that SIGKILLs itself at crash point `n`, submits `call` (its reply may be lost),
-   * waits for the process to die, runs `whileDown`, restarts on the same store and returns the operation
-   * once it is final.
-   */
-  const crashAt = async (
-    n: number,
-    requestId: string,
-    call: (c: CoordinatorClients) => Promise<Operation>,
-    whileDown: () => Promise<void> = async () => undefined,
-  ) => {
-    await stop();
-    const crashing = await start({ VMENV_COORDINATOR_CRASH_POINT: String(n) }).then(
-      () => coord as RunningCoordinator,
-    );
-    await call(c).catch(() => undefined);
-    const how = await Promise.race([
-      crashing.exited,
-      new Promise((r) => setTimeout(() => r("alive"), 90_000)),
-    ]);
-    expect(how, `coordinator did not crash at point ${n}`).toBe("SIGKILL");
-    coord = undefined;
-    await whileDown();
-    await start();
-    const op = (await c.ops.listOperations({ requestId })).operations[0];
-    if (!op) throw new Error(`no operation for request ${requestId} after crash point ${n}`);
-    return finalOp(c, op);
-  };
   const pointOf = (step: string, phase: string) => {
     const i = points.findIndex((p) => p.step === step && p.phase === phase);
     if (i < 0) throw new Error(`no crash point ${step} ${phase} in ${JSON.stringify(points)}`);
@@ -204,7 +143,7 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
       c,
       c.envs.migrateEnvironment({ name: "environments/hop", agent: "agents/a2" }),
     );
-    points = (coord as RunningCoordinator)
+    points = fleet.coord
       .log()
       .split("\n")
       .filter((l) => l.startsWith("{"))
@@ -220,7 +159,7 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
     for (let n = 1; n <= points.length; n++) {
       const to = at === "a1" ? "a2" : "a1";
       const rid = `hop-${n}`;
-      const done = await crashAt(n, rid, (x) =>
+      const done = await fleet.crashAt(n, rid, (x) =>
         x.envs.migrateEnvironment({ name: "environments/hop", agent: `agents/${to}`, requestId: rid }),
       );
       const now = outcome(done, at, to);
@@ -241,7 +180,7 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
     await oneMemberEnv("prep", "a1");
     // The coordinator dies once prepare ran on a3 (its incoming VMM exists) but before it recorded it;
     // a3 and its VMMs die too; the restarted coordinator finds a3 gone.
-    const done = await crashAt(
+    const done = await fleet.crashAt(
       pointOf("prepare.app", "step-ran"),
       "prep-1",
       (x) =>
@@ -263,7 +202,7 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
     await deleteAllEnvs();
     await oneMemberEnv("fin", "a1");
     // The coordinator dies as finish starts; a3 dies with its incoming VMM before finish reaches it.
-    const done = await crashAt(
+    const done = await fleet.crashAt(
       pointOf("finish.app", "step-started"),
       "fin-1",
       (x) => x.envs.migrateEnvironment({ name: "environments/fin", agent: "agents/a3", requestId: "fin-1" }),
@@ -285,7 +224,7 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
     // Finish ran on a3 (the guest started there) and the coordinator died before recording it; then a3
     // dies with its VMM. The migration must not go back (the destination ran the guest): the member is
     // a3's, the paused source is removed, and a3's death is failure detection's business.
-    const done = await crashAt(
+    const done = await fleet.crashAt(
       pointOf("finish.app", "step-ran"),
       "fin2-1",
       (x) =>
@@ -321,7 +260,7 @@ describe("live migration under faults: real coordinator, three real agents, QEMU
         "agents/a3 READY after fencing",
       );
     } catch (err) {
-      const lines = (coord as RunningCoordinator)
+      const lines = fleet.coord
         .log()
         .split("\n")
         .filter((l) => /fenc|agent is|a3/.test(l));

@@ -2,46 +2,30 @@
  * Live migration and drain through the coordinator: a real coordinator, three real agents (separate
  * state, TCP on loopback), QEMU under TCG, 128 MiB guests.
  */
-import { readFile, rm } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import { VmState } from "@vmenv/api/agent/v1";
 import { AgentState, MemberState, OperationState, StepState } from "@vmenv/api/coordinator/v1";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { cliMain, killProcessesUnder, type RunningAgent, run, startAgent } from "./support/agent.js";
-import { type RunningCoordinator, startCoordinator } from "./support/coordinator.js";
+import { cliMain, killProcessesUnder, type RunningAgent, run } from "./support/agent.js";
 import {
   agentClients,
   type CoordinatorClients,
-  coordinatorClients,
   envOf,
+  type Fleet,
   failure,
   finalOp,
   guestMember,
-  registerAgents,
+  startFleet,
   succeeded,
   vmsOn,
 } from "./support/env.js";
-import { guestImage } from "./support/guest.js";
 import { clients, consoleRun, isReady, MIB, qemusUnder, until } from "./support/vm.js";
 
-const FLAGS = [
-  "--heartbeat-interval-ms",
-  "300",
-  "--heartbeat-timeout-ms",
-  "3000",
-  "--collector-interval-ms",
-  "500",
-  // The rebalancer runs when a test asks (RebalanceFleet), never between a test's steps.
-  "--rebalance-interval-ms",
-  "0",
-];
-
 describe("migration and drain: real coordinator, three real agents, QEMU under TCG", () => {
-  let coord: RunningCoordinator | undefined;
+  let fleet: Fleet;
   let c: CoordinatorClients;
-  const agents: RunningAgent[] = [];
-  let ids: string[] = [];
 
-  const agentOf = (id: string) => agents[ids.indexOf(id.replace(/^agents\//, ""))] as RunningAgent;
+  const agentOf = (id: string) => fleet.agentOf(id);
   const usageOf = async (node: string) => {
     const u = (await c.tree.getNode({ name: `nodes/${node}` })).usage;
     return { vms: u?.vms ?? 0, vcpus: u?.vcpus ?? 0, memoryBytes: u?.memoryBytes ?? 0n };
@@ -60,18 +44,15 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
   });
 
   beforeAll(async () => {
-    await guestImage();
-    agents.push(await startAgent(), await startAgent(), await startAgent());
-    coord = await startCoordinator(FLAGS, {}, { keepDir: true });
-    c = coordinatorClients(coord.socket);
-    ids = await registerAgents(c, agents);
-    await c.tree.createNode({ nodeId: "acme", node: { policy: { maxVms: 8, maxMemoryBytes: 2048n * MIB } } });
+    fleet = await startFleet({
+      agents: 3,
+      // The rebalancer runs when a test asks (RebalanceFleet), never between a test's steps.
+      coordinatorArgs: ["--rebalance-interval-ms", "0"],
+      node: { id: "acme", policy: { maxVms: 8, maxMemoryBytes: 2048n * MIB } },
+    });
+    c = fleet.c;
   }, 120_000);
-  afterAll(async () => {
-    for (const a of agents) await a.stop();
-    await coord?.stop();
-    if (coord) await rm(coord.dir, { recursive: true, force: true });
-  });
+  afterAll(() => fleet?.stop());
 
   /** Starts a migration of `env`'s member on a1 with a slow stream and waits until its perform step runs. */
   const slowMigration = async (env: string, to: string, bytesPerSecond: bigint) => {
@@ -195,7 +176,7 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
       [
         cliMain,
         "--coordinator",
-        (coord as RunningCoordinator).socket,
+        fleet.coord.socket,
         "env",
         "migrate",
         "mig",
@@ -223,10 +204,8 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
     const a2 = agentOf("a2");
     const before = await uptime(a1, "vms/crash-app");
     const op = await slowMigration("crash", "a2", 8n * MIB);
-    const running = coord as RunningCoordinator;
-    await running.kill();
-    coord = await startCoordinator(FLAGS, {}, { dir: running.dir, keepDir: true });
-    c = coordinatorClients(coord.socket);
+    await fleet.coord.kill();
+    await fleet.startCoordinator();
     const done = await finalOp(c, op);
     expect(done.state, done.error?.message).toBe(OperationState.SUCCEEDED);
     expect(done.resumeCount).toBe(1);
@@ -265,10 +244,7 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
   }, 180_000);
 
   it("a destination that died before prepare: the claim is released, the source runs on, FAILED saying why", async () => {
-    const a4 = await startAgent();
-    agents.push(a4);
-    await c.agents.registerAgent({ agentId: "a4", agent: { address: a4.address } });
-    ids.push("a4");
+    const a4 = await fleet.addAgent("a4");
     await oneMemberEnv("dead");
     await a4.kill();
     await killProcessesUnder(a4.dir);
@@ -330,10 +306,7 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
     // An agent offering 290 MiB: bin-packing puts both 128 MiB members there (88%, above 85%).
     const meminfo = await readFile("/proc/meminfo", "utf8");
     const totalMib = Math.floor(Number(/MemTotal:\s+(\d+) kB/.exec(meminfo)?.[1]) / 1024);
-    const small = await startAgent(["--reserved-memory-mib", String(totalMib - 290)]);
-    agents.push(small);
-    ids.push("small");
-    await c.agents.registerAgent({ agentId: "small", agent: { address: small.address } });
+    const small = await fleet.addAgent("small", ["--reserved-memory-mib", String(totalMib - 290)]);
     const created = await succeeded(
       c,
       c.envs.createEnvironment({
@@ -376,7 +349,7 @@ describe("migration and drain: real coordinator, three real agents, QEMU under T
     process.stderr.write(`rebalance of one 128 MiB TCG guest: ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
 
     // Under the watermark now: the next pass (here through the CLI) moves nothing, and says why.
-    const socket = (coord as RunningCoordinator).socket;
+    const socket = fleet.coord.socket;
     const cli = await run(process.execPath, [cliMain, "--coordinator", socket, "agent", "rebalance"]);
     expect(cli.code, cli.stderr).toBe(0);
     expect(cli.stdout).toMatch(/^nothing to move \(watermark 85%\): no READY agent is above the watermark/);
