@@ -349,22 +349,20 @@ describe("failover: detection, reschedule, fencing, evacuation (real coordinator
     expect(held.length).toBeGreaterThan(0);
     for (const s of held) expect(s.state).toBe(AgentState.DOWN);
     expect(held.some((s) => s.heartbeatMs > s.downEndMs)).toBe(true);
-    // Fenced once it was over: whenever x is READY it has no copy. Two copies do run between the start
-    // of the new one and the fence (ADR 17: the operator vouched that x is dead or will be fenced), but
-    // only while x is DOWN.
+    // x answers, so its copy was stopped before the new one started: never two running copies. Fenced
+    // once it was over: whenever x is READY it has no copy.
     expect(readyAt).toBeGreaterThan(0);
     for (const s of samples.filter((t) => t.state === AgentState.READY && t.ended))
       expect([s.onX, s.running]).toEqual([false, [y]]);
     const twice = samples.filter((s) => s.running.length > 1);
-    for (const s of twice) expect(s.state).toBe(AgentState.DOWN);
+    expect(twice).toEqual([]);
     expect((await vmsOn(agentOf(x))).map((v) => v.name)).not.toContain("vms/s4-svc-1");
     expect(await copies("vms/s4-svc-1")).toEqual([[y, VmState.RUNNING]]);
     expect(await vmmsOf(agentOf(x).dir, "s4-svc-1")).toEqual([]);
     expect(fencedLines("vms/s4-svc-1")).toHaveLength(1);
     const doneAt = samples.find((s) => s.ended)?.at ?? 0;
-    const window = twice.length > 0 ? `${(twice.at(-1)?.at ?? 0) - (twice[0]?.at ?? 0)} ms` : "none";
     figures.push(
-      `EvacuateAgent with force (live agent): operation done after ${doneAt - t0} ms, agent fenced and READY after ${readyAt - t0} ms; two running copies in ${twice.length} of ${samples.length} samples (${window}), all while the agent was DOWN`,
+      `EvacuateAgent with force (live agent): operation done after ${doneAt - t0} ms, agent fenced and READY after ${readyAt - t0} ms; two running copies in none of ${samples.length} samples`,
     );
   }, 120_000);
 });

@@ -60,6 +60,7 @@ async function setup() {
     views: () => [...agents.keys()].map(view),
     get: view,
     clients: (id) => (agents.get(id) as FakeAgent).clients(),
+    clientsEvenIfDown: (id) => (agents.get(id) as FakeAgent).clients(),
     async charge(tx: Txn, id: string, d: Usage) {
       const next = addUsage(usageFromStore(await tx.get<StoredUsage>(keys.alloc(id))), d);
       tx.put(keys.alloc(id), usageToStore(next));

@@ -16,6 +16,7 @@ import { failedPrecondition, VmenvError } from "@vmenv/rpc/errors";
 import { type Usage, usageFromStore, usageToStore } from "../domain/usage.js";
 import type { AgentView } from "../fleet/fleet.js";
 import type { OperationKind, OpRecord, StepContext, StepDef } from "../ops/types.js";
+import type { AgentClients } from "../ports.js";
 import { keys } from "../store/keys.js";
 import type { JsonValue as StoreJson, Txn } from "../store/store.js";
 import {
@@ -25,6 +26,7 @@ import {
   ensureVm,
   ensureVolume,
   startVm,
+  stopVm,
   syncOutputs,
 } from "./agent.js";
 import { envResult } from "./convert.js";
@@ -42,7 +44,12 @@ export interface RescheduleFleet {
   replaceable(tx: Txn, id: string): Promise<boolean>;
   /** When agent `id` was marked DOWN, or undefined while it is not DOWN. */
   downSinceMs(id: string): number | undefined;
+  /** The agent's clients even while it is DOWN (Fleet.clientsEvenIfDown), to stop a live old copy. */
+  clientsEvenIfDown(id: string): AgentClients;
 }
+
+/** How long a start waits for a live `from` agent to stop the member's old copy (`stopOld`). */
+const STOP_OLD_TIMEOUT_MS = 5000;
 
 export type RescheduleDeps = EnvDeps & { fleet: EnvDeps["fleet"] & RescheduleFleet };
 
@@ -88,6 +95,11 @@ export interface RescheduleInput {
   members: string[];
   /** Started by EvacuateAgent: the attempts limit does not apply. */
   evacuate: boolean;
+  /**
+   * `from` may still be alive (EvacuateAgent with force): stop each member's old copy there, if it
+   * answers, before starting the new one, so that the two never run together.
+   */
+  stopOld?: boolean;
 }
 
 interface Move {
@@ -204,6 +216,35 @@ export function rescheduleKind(deps: RescheduleDeps): OperationKind {
       ];
       const moves = (op.data.moves ?? []) as Move[];
       const e0 = () => readEnv(deps.store, inp.env);
+      /**
+       * Stops (force) member `id`'s old copy on `from` when that agent answers within a few seconds.
+       * One that does not is taken for dead, as the operator said; it is fenced when it answers.
+       */
+      const stopOldCopy = async (ctx: StepContext, id: string) => {
+        const old = { id: inp.from, clients: deps.fleet.clientsEvenIfDown(inp.from) };
+        let timer: NodeJS.Timeout | undefined;
+        let outcome = "stopped";
+        try {
+          await Promise.race([
+            stopVm(old, inp.env, id, rid(ctx, "stop-old"), { force: true }),
+            new Promise((_, reject) => {
+              timer = setTimeout(
+                () => reject(new Error(`no answer in ${STOP_OLD_TIMEOUT_MS} ms`)),
+                STOP_OLD_TIMEOUT_MS,
+              );
+            }),
+          ]);
+        } catch (err) {
+          outcome = `not stopped: ${err instanceof Error ? err.message : String(err)}`;
+          deps.logger.warn(
+            { op: `operations/${ctx.op.id}`, agent: `agents/${inp.from}`, member: id, err },
+            "could not stop the old copy on the evacuated agent; it is fenced when it answers",
+          );
+        } finally {
+          clearTimeout(timer);
+        }
+        await ctx.save({ [`old.${id}`]: outcome });
+      };
       for (const mv of moves) {
         steps.push({
           id: `volumes.${mv.id}`,
@@ -293,6 +334,7 @@ export function rescheduleKind(deps: RescheduleDeps): OperationKind {
             agent: `agents/${mv.to}`,
             async run(ctx) {
               let message = "";
+              if (inp.stopOld) await stopOldCopy(ctx, mv.id);
               try {
                 await startVm(target(deps, ctx, mv.to), inp.env, mv.id, rid(ctx, "start"));
               } catch (err) {

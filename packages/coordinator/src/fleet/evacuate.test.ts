@@ -37,8 +37,10 @@ describe("EvacuateAgent with force, over a real fleet and fake agents", () => {
     expect(shop.members[1]?.stateMessage).toBe(
       `agents/a1 is down: evacuated by operations/${op.id} (EvacuateAgent with force: the operator vouches that it is dead or will be fenced)`,
     );
-    // Nobody could stop the live agent's copy of web-1: two run until a1 is fenced.
-    expect(w.agent("a1").running().sort()).toEqual(["vms/shop-pet-1", "vms/shop-web-1"]);
+    // The live agent's copy of web-1 was stopped before its new copy started: never two running.
+    const child = await w.engine.get(done.children[0] as string);
+    expect(child?.data["old.web-1"]).toBe("stopped");
+    expect(w.agent("a1").running().sort()).toEqual(["vms/shop-pet-1"]);
     expect(w.fleet.get("a1").state).toBe("down");
 
     const atUp: string[][] = [];

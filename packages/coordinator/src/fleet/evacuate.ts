@@ -9,6 +9,10 @@
  * runs, so that a live agent answering its heartbeats is not fenced back in the middle (which would
  * make every reschedule fail with AGENT_RETURNED). The hold ends with the operation; the agent's next
  * answer then fences it — its copies recreated elsewhere are destroyed — before it is READY.
+ *
+ * A forced agent that still answers has each member's old copy stopped (force) just before the new
+ * copy starts (RescheduleInput.stopOld), so that the two never run together; a member that cannot be
+ * moved keeps running where it is.
  */
 import { failedPrecondition, VmenvError } from "@vmenv/rpc/errors";
 import type { EnvRecord } from "../env/model.js";
@@ -107,7 +111,13 @@ export function evacuateKind(deps: EvacuateDeps): OperationKind {
           id: `env.${env}`,
           description: `reschedule the members of environments/${env} on agents/${inp.agent}`,
           async run(ctx) {
-            const input: RescheduleInput = { env, from: inp.agent, members: [], evacuate: true };
+            const input: RescheduleInput = {
+              env,
+              from: inp.agent,
+              members: [],
+              evacuate: true,
+              ...(inp.force ? { stopOld: true } : {}),
+            };
             const child = await ctx.child(RESCHEDULE_KIND, `environments/${env}`, input);
             if (child.state !== "succeeded")
               await ctx.save({ [`failed.${env}`]: child.error?.message ?? child.state });

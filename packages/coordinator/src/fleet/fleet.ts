@@ -339,6 +339,17 @@ export class Fleet extends EventEmitter<{ changed: [AgentView]; down: [AgentView
   }
 
   /**
+   * The clients of agent `id` whether or not it is DOWN, for the callers that must reach an agent the
+   * fleet has given up on: a forced evacuation stopping a live agent's copies. NOT_FOUND for an unknown
+   * agent.
+   */
+  clientsEvenIfDown(id: string): AgentClients {
+    const e = this.#agents.get(id);
+    if (!e) throw notFound("agent", agentName(id));
+    return e.clients;
+  }
+
+  /**
    * Adds `delta` to what is placed on agent `agentId` (`alloc/{agent}`), in the caller's transaction.
    * No capacity check (placement checks). NOT_FOUND for an agent not in the fleet.
    */
