@@ -220,6 +220,37 @@ describe("environment.migrate over fake agents", () => {
     expect(await t.store.list(keys.claimPrefix)).toEqual([]);
   });
 
+  it("goes on when the source agent restarted after the send completed, and rolls back when it had rolled the send back", async () => {
+    const t = await setup();
+    await t.createEnv("shop", [member("web-1", { agent: "a1" })]);
+    // Restarted after the migration completed: the source is still MIGRATING (sent, unconfirmed).
+    fake(t, "a1").fail.add("forget-ops");
+    const op = await t.migrate({ agent: "a2" });
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    expect(fake(t, "a2").running()).toEqual(["vms/shop-web-1"]);
+    expect(t.vmsOn("a1")).toEqual([]);
+    expect((await t.env()).members[0]).toMatchObject({ agent: "a2", state: "RUNNING" });
+
+    // Restarted and rolled the send back (the source runs again): the migration fails, nothing moves.
+    fake(t, "a2").fail.add("forget-ops");
+    const migrateVm = fake(t, "a2").clients().vms.migrateVm;
+    fake(t, "a2").clients = ((orig) => () => {
+      const c = orig();
+      (c.vms as { migrateVm: unknown }).migrateVm = async (r: { name: string }) => {
+        const started = await migrateVm(r as never);
+        (fake(t, "a2").vms.get(r.name) as { state: VmState }).state = VmState.RUNNING;
+        return started;
+      };
+      return c;
+    })(fake(t, "a2").clients.bind(fake(t, "a2")));
+    const back = await t.migrate({ agent: "a3" });
+    expect(back.state).toBe("failed");
+    expect(back.error).toMatchObject({ reason: "MIGRATION_ROLLED_BACK", metadata: { agent: "agents/a2" } });
+    expect(fake(t, "a2").running()).toEqual(["vms/shop-web-1"]);
+    expect(t.vmsOn("a3")).toEqual([]);
+    expect((await t.env()).members[0]).toMatchObject({ agent: "a2", state: "RUNNING" });
+  });
+
   it("keeps members already moved when a later one fails", async () => {
     const t = await setup();
     await t.createEnv("shop", [member("web-1", { agent: "a1" }), member("web-2", { agent: "a1" })]);

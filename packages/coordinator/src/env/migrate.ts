@@ -466,10 +466,31 @@ export function migrateKind(deps: EnvDeps): OperationKind {
         let lastSave = 0;
         for (;;) {
           const asked = deps.clock.now();
-          const cur = await a.clients.diagnostics.waitOperation(
-            { name: opName, timeout: durationFromMs(1000) },
-            { timeoutMs: 10_000, signal: ctx.signal },
-          );
+          let cur: Awaited<ReturnType<typeof a.clients.diagnostics.waitOperation>>;
+          try {
+            cur = await a.clients.diagnostics.waitOperation(
+              { name: opName, timeout: durationFromMs(1000) },
+              { timeoutMs: 10_000, signal: ctx.signal },
+            );
+          } catch (err) {
+            if (!isNotFound(ConnectError.from(err))) throw err;
+            // The source agent restarted and forgot its operation. At start it settled the send: a
+            // source still MIGRATING completed it (the destination holds the whole guest; finish
+            // checks that before starting it); one that runs again rolled it back.
+            const vm = await getVm(a, env, id);
+            if (vm?.state === VmState.MIGRATING) {
+              deps.logger.info(
+                { op: `operations/${ctx.op.id}`, agent: agentName(src), member: id },
+                "the source agent restarted after the migration completed; going on to finish",
+              );
+              return;
+            }
+            throw new VmenvError(
+              "aborted",
+              `agents/${src} restarted during the migration of ${id} and rolled it back (the VM is ${vm ? VmState[vm.state]?.toLowerCase() : "gone"} there)`,
+              { reason: "MIGRATION_ROLLED_BACK", metadata: { agent: agentName(src), vm: name, member: id } },
+            );
+          }
           const p = progressOf(cur.metadata);
           if (p) {
             progress(

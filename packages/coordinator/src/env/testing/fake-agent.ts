@@ -266,7 +266,13 @@ export class MigratingFakeAgent extends FakeAgent {
   protected override diagnosticsMethods(): Record<string, unknown> {
     return {
       ...super.diagnosticsMethods(),
+      // "forget-ops": the agent restarted, and its operations are gone (as a real agent's are).
+      waitOperation: async (r: { name: string }) => {
+        if (this.fail.has("forget-ops")) throw new ConnectError(`${r.name} not found`, Code.NotFound);
+        return this.ops.get(r.name);
+      },
       cancelOperation: async (r: { name: string }) => {
+        if (this.fail.has("forget-ops")) throw new ConnectError(`${r.name} not found`, Code.NotFound);
         this.cancelled.push(r.name);
         throw new ConnectError("finished", Code.FailedPrecondition);
       },
