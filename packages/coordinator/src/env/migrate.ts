@@ -106,6 +106,11 @@ const movableState = (state: string): MovableState | undefined =>
 
 const agentName = (id: string) => `agents/${id}`;
 
+/** How a call fails while its agent is gone (killed, restarting, cut off). */
+const SOURCE_GONE = [Code.Unavailable, Code.Canceled, Code.DeadlineExceeded, Code.Unknown];
+/** How long `perform` waits for a source agent that went away to answer again. */
+const SOURCE_RESTART_GRACE_MS = 30_000;
+
 /** One agent as the shared agent helpers (agent.ts) see it, for a step. */
 function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
   return {
@@ -464,6 +469,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
         // agent answers WaitOperation the moment the migration ends, and the guest is paused from then
         // until `finish` starts it on the destination: no polling interval may stand in between.
         let lastSave = 0;
+        let unreachableSince = 0;
         for (;;) {
           const asked = deps.clock.now();
           let cur: Awaited<ReturnType<typeof a.clients.diagnostics.waitOperation>>;
@@ -473,7 +479,17 @@ export function migrateKind(deps: EnvDeps): OperationKind {
               { timeoutMs: 10_000, signal: ctx.signal },
             );
           } catch (err) {
-            if (!isNotFound(ConnectError.from(err))) throw err;
+            const ce = ConnectError.from(err);
+            if (ctx.signal.aborted) throw err;
+            // The source agent went away (killed, restarting): wait for it a while, then ask again.
+            if (SOURCE_GONE.includes(ce.code)) {
+              unreachableSince ||= deps.clock.now();
+              if (deps.clock.now() - unreachableSince < SOURCE_RESTART_GRACE_MS) {
+                await new Promise((r) => setTimeout(r, 500));
+                continue;
+              }
+            }
+            if (!isNotFound(ce)) throw err;
             // The source agent restarted and forgot its operation. At start it settled the send: a
             // source still MIGRATING completed it (the destination holds the whole guest; finish
             // checks that before starting it); one that runs again rolled it back.
@@ -491,6 +507,7 @@ export function migrateKind(deps: EnvDeps): OperationKind {
               { reason: "MIGRATION_ROLLED_BACK", metadata: { agent: agentName(src), vm: name, member: id } },
             );
           }
+          unreachableSince = 0;
           const p = progressOf(cur.metadata);
           if (p) {
             progress(
