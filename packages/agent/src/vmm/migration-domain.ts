@@ -82,6 +82,11 @@ export interface VmmMigration {
    * completed ("completed": the destination holds the complete state; the source stays paused).
    */
   settle(wasRunning: boolean): Promise<"completed" | "rolled-back">;
+  /**
+   * Source: whether the last migration went to post-copy. The guest then ran on the destination from the
+   * switch on, and this copy is out of date: it must never run again.
+   */
+  wentPostcopy(): Promise<boolean>;
 }
 
 const HOST = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)$/;
@@ -145,6 +150,8 @@ export interface QueryMigrate {
     "dirty-pages-rate"?: number;
     "page-size"?: number;
     "dirty-sync-count"?: number;
+    "postcopy-bytes"?: number;
+    "postcopy-requests"?: number;
   };
 }
 

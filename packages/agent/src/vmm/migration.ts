@@ -373,6 +373,8 @@ export class VmMigrations {
             migration: { role: "source", completed: false, wasRunning },
           });
           const report = (p: MigrationProgress) => {
+            // From post-copy on, the guest runs on the destination: cancelling could not bring it back.
+            if (p.phase === "post-copy") this.p.operations.get(op.id).mayCancel = false;
             op.metadata(p);
             op.progress(migrationPercent(p, storage !== undefined), p.phase);
           };
@@ -398,15 +400,23 @@ export class VmMigrations {
               onProgress: report,
               signal: op.signal,
             });
-            this.p.logger.info({ vm: `vms/${id}`, to: uri, ...out }, "migration completed");
+            const postcopy = await mig.wentPostcopy().catch(() => true);
+            this.p.logger.info({ vm: `vms/${id}`, to: uri, ...out, postcopy }, "migration completed");
             await this.p.set(id, {
               migration: { role: "source", completed: true, wasRunning },
-              stateMessage: `migrated to ${uri} (downtime ${out.downtimeMs} ms); paused here until DeleteVm confirms or ResumeVm rolls back`,
+              stateMessage: postcopy
+                ? `migrated to ${uri} in post-copy (downtime ${out.downtimeMs} ms); paused here until DeleteVm confirms (the guest runs there: no rollback)`
+                : `migrated to ${uri} (downtime ${out.downtimeMs} ms); paused here until DeleteVm confirms or ResumeVm rolls back`,
             });
             return this.p.record(id);
           } catch (err) {
-            // The VMM's side has cancelled and resumed; the record follows (unless the VMM died).
-            if (this.p.vmm(id)) {
+            // The VMM's side has cancelled and resumed; the record follows (unless the VMM died). An
+            // interrupted post-copy leaves the source paused and MIGRATING: it must not run again.
+            if (err instanceof VmenvError && err.reason === "POSTCOPY_INTERRUPTED") {
+              await this.p.set(id, {
+                stateMessage: `migration to ${uri} failed in post-copy: ${err.message}`,
+              });
+            } else if (this.p.vmm(id)) {
               const running = await vmm.status().catch(() => (wasRunning ? "running" : "paused"));
               await this.p.set(id, {
                 state: running,
@@ -457,6 +467,13 @@ export class VmMigrations {
     const r = this.p.record(id);
     const vmm = this.p.vmm(id);
     if (!vmm) throw failedPrecondition(`the VMM of vms/${id} is gone`, "VM_NOT_RUNNING", { vm: `vms/${id}` });
+    if (await vmm.migration?.().wentPostcopy()) {
+      throw failedPrecondition(
+        `vms/${id} was migrated in post-copy: the guest has run on the destination since the switch, this copy is out of date and cannot run again (DeleteVm confirms the migration)`,
+        "POSTCOPY_NO_ROLLBACK",
+        { vm: `vms/${id}` },
+      );
+    }
     const wasRunning = r.migration?.wasRunning ?? true;
     if (wasRunning) await vmm.resume();
     await this.p.set(id, {

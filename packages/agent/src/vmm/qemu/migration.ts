@@ -21,9 +21,17 @@ export interface QmpLike {
     opts?: { timeoutMs?: number },
   ): Promise<T>;
   /** QMP events, as QmpClient emits them (optional: without them the migration is only polled). */
-  on?(name: "event", listener: (e: { event: string }) => void): unknown;
-  off?(name: "event", listener: (e: { event: string }) => void): unknown;
+  on?(name: "event", listener: (e: QmpEventLike) => void): unknown;
+  off?(name: "event", listener: (e: QmpEventLike) => void): unknown;
 }
+
+interface QmpEventLike {
+  event: string;
+  data?: Record<string, unknown>;
+}
+
+/** `query-migrate` states in which the guest runs on the destination: the source can no longer take it back. */
+const POSTCOPY = ["postcopy-active", "postcopy-paused", "postcopy-recover"];
 
 interface BlockJob {
   device: string;
@@ -76,9 +84,13 @@ export class QemuMigration implements VmmMigration {
   async listen(host: string): Promise<string> {
     // Post-copy needs the capability on both ends before the stream starts; a host without userfaultfd
     // refuses it, and then only pre-copy is possible.
-    await this.qmp
+    const postcopy = await this.qmp
       .execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }] })
-      .catch(() => undefined);
+      .then(
+        () => true,
+        () => false,
+      );
+    if (postcopy) this.#runInPostcopy();
     await this.qmp.execute("migrate-set-capabilities", {
       capabilities: [{ capability: "events", state: true }],
     });
@@ -89,6 +101,24 @@ export class QemuMigration implements VmmMigration {
     const port = q["socket-address"]?.find((a) => a.type === "inet")?.port;
     if (!port) throw new Error("QEMU did not say which port it listens on for the incoming migration");
     return `tcp:${uriHost(host)}:${port}`;
+  }
+
+  /**
+   * Destination: the guest runs here from the start of post-copy, the missing pages fetched on demand.
+   * QEMU leaves a VM started with `-S` paused when post-copy starts (it would wait, paused on both
+   * ends, until the whole of memory is here); `cont` while incoming makes QEMU start it at the switch.
+   */
+  #runInPostcopy(): void {
+    const { on, off } = this.qmp;
+    if (!on || !off) return;
+    const onEvent = (e: QmpEventLike) => {
+      if (e.event !== "MIGRATION") return;
+      const status = String(e.data?.status);
+      if (status === "postcopy-active") void this.qmp.execute("cont").catch(() => undefined);
+      if (["postcopy-active", "completed", "failed", "cancelled"].includes(status))
+        off.call(this.qmp, "event", onEvent);
+    };
+    on.call(this.qmp, "event", onEvent);
   }
 
   async exportDisks(host: string, diskIds: string[]): Promise<string> {
@@ -133,7 +163,11 @@ export class QemuMigration implements VmmMigration {
       this.qmp.execute<QueryMigrate>("query-migrate"),
       this.qmp.execute<{ status: string }>("query-status"),
     ]);
-    if (m.status === "completed" || (s.status !== "inmigrate" && m.status !== "failed")) {
+    // In post-copy the guest runs here while memory still comes: not complete yet.
+    if (
+      m.status === "completed" ||
+      (s.status !== "inmigrate" && m.status !== "failed" && !POSTCOPY.includes(m.status ?? ""))
+    ) {
       return { status: "completed" };
     }
     if (m.status === "failed" || m.status === "cancelled")
@@ -223,10 +257,13 @@ export class QemuMigration implements VmmMigration {
           { capability: "events", state: true },
         ],
       });
+      // The cap holds for the whole stream: QEMU lifts `max-bandwidth` in post-copy unless
+      // `max-postcopy-bandwidth` is set too.
+      const cap = settings.maxBandwidthBytesPerSecond;
       await this.qmp.execute("migrate-set-parameters", {
         "downtime-limit": settings.downtimeLimitMs,
-        ...(settings.maxBandwidthBytesPerSecond
-          ? { "max-bandwidth": settings.maxBandwidthBytesPerSecond }
+        ...(cap
+          ? { "max-bandwidth": cap, ...(settings.postCopy ? { "max-postcopy-bandwidth": cap } : {}) }
           : {}),
       });
       await this.qmp.execute("migrate", { uri: req.uri });
@@ -237,13 +274,16 @@ export class QemuMigration implements VmmMigration {
       let bestRemaining = Number.POSITIVE_INFINITY;
       let stalled = 0;
       for (;;) {
-        check();
+        // Once post-copy started, the guest runs on the destination: no cancel or timeout any more.
+        if (!postcopy) check();
         const q = await this.qmp.execute<QueryMigrate>("query-migrate");
         if (mirrors.length > 0 && !mirrored && q.status !== "completed") {
           const jobs = await this.#jobs(mirrors);
           storage.transferred = jobs.reduce((s, j) => s + j.offset, 0);
         }
         const p = progressFromQuery(q, storage);
+        // Post-copy starts at QEMU's next pass once asked for: reported from the request on.
+        if (postcopy && p.phase === "pre-copy") p.phase = "post-copy";
         if (q.status === "completed") {
           req.onProgress(p);
           await this.#dropMirrors(mirrors);
@@ -253,6 +293,13 @@ export class QemuMigration implements VmmMigration {
           throw new VmenvError("unavailable", `the migration failed: ${q["error-desc"] ?? q.status}`, {
             reason: "MIGRATION_FAILED",
           });
+        }
+        if (q.status === "postcopy-paused") {
+          throw new VmenvError(
+            "unavailable",
+            "post-copy was interrupted: the guest ran on the destination, part of its memory is still here; it can run on neither side",
+            { reason: "POSTCOPY_INTERRUPTED" },
+          );
         }
         req.onProgress(p);
         if (q.status === "pre-switchover" && !mirrored) {
@@ -271,6 +318,10 @@ export class QemuMigration implements VmmMigration {
             stalled = 0;
           } else if ((q.ram?.["dirty-sync-count"] ?? 0) >= 3) stalled++;
           if (stalled >= 5) {
+            // The point of no return: reported first (the operation stops being cancellable), then a
+            // cancel that came before is still honoured.
+            req.onProgress({ ...p, phase: "post-copy" });
+            check();
             await this.qmp.execute("migrate-start-postcopy");
             postcopy = true;
           }
@@ -278,13 +329,35 @@ export class QemuMigration implements VmmMigration {
         await this.nextChange(POLL_MS);
       }
     } catch (err) {
-      await this.#rollBack(started, mirrors, req.wasRunning);
+      await this.#rollBack(started, mirrors, req.wasRunning).catch((e: unknown) => {
+        throw err instanceof VmenvError && err.reason === "POSTCOPY_INTERRUPTED" ? err : e;
+      });
       throw err;
     }
   }
 
-  async settle(wasRunning: boolean): Promise<"completed" | "rolled-back"> {
+  async wentPostcopy(): Promise<boolean> {
     const q = await this.qmp.execute<QueryMigrate>("query-migrate");
+    return (
+      POSTCOPY.includes(q.status ?? "") ||
+      (q.ram?.["postcopy-bytes"] ?? 0) > 0 ||
+      (q.ram?.["postcopy-requests"] ?? 0) > 0
+    );
+  }
+
+  /** Whether the guest already runs on the destination (post-copy): the source must not take it back. */
+  async #inPostcopy(): Promise<boolean> {
+    const q = await this.qmp.execute<QueryMigrate>("query-migrate").catch(() => undefined);
+    return POSTCOPY.includes(q?.status ?? "");
+  }
+
+  async settle(wasRunning: boolean): Promise<"completed" | "rolled-back"> {
+    let q = await this.qmp.execute<QueryMigrate>("query-migrate");
+    // Post-copy cannot be undone (the guest runs on the destination): wait a while for its end.
+    for (let i = 0; i < 300 && q.status === "postcopy-active"; i++) {
+      await delay(100);
+      q = await this.qmp.execute<QueryMigrate>("query-migrate");
+    }
     if (q.status === "completed") {
       await this.#dropMirrors(await this.#leftMirrors());
       return "completed";
@@ -340,8 +413,18 @@ export class QemuMigration implements VmmMigration {
       await this.qmp.execute("blockdev-del", { "node-name": mirrorOf(id) }).catch(() => undefined);
   }
 
-  /** Undoes a migration that did not complete: cancel it, drop the mirrors, let the guest run on. */
+  /**
+   * Undoes a migration that did not complete: cancel it, drop the mirrors, let the guest run on. Not
+   * after post-copy started: the guest ran on the destination, and the source stays paused.
+   */
   async #rollBack(started: boolean, mirrors: string[], wasRunning: boolean): Promise<void> {
+    if (started && (await this.#inPostcopy())) {
+      throw new VmenvError(
+        "unavailable",
+        "the migration is in post-copy: the guest runs on the destination and cannot come back here",
+        { reason: "POSTCOPY_INTERRUPTED" },
+      );
+    }
     if (started) {
       await this.qmp.execute("migrate_cancel").catch(() => undefined);
       for (let i = 0; i < 200; i++) {
