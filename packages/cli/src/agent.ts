@@ -7,13 +7,13 @@ import {
   AgentService,
   AgentState,
   OperationSchema,
-  OperationService,
   OperationState,
   type RebalanceFleetResponse,
   RebalanceFleetResponseSchema,
 } from "@vmenv/api/coordinator/v1";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import type { Command } from "commander";
+import { awaitOperation } from "./op.js";
 import { bytes, duration, keyValues, table } from "./output.js";
 
 type Print = (json: unknown, text: () => string) => void;
@@ -208,22 +208,7 @@ export function agentCommands(program: Command, cfg: () => ClientConfig, print: 
         ...(o.timeout ? { timeout: durationFromMs(Number(o.timeout) * 1000) } : {}),
         requestId: randomUUID(),
       });
-      if (o.wait) {
-        const ops = createDaemonClient(OperationService, cfg());
-        while (
-          op.state === OperationState.PENDING ||
-          op.state === OperationState.RUNNING ||
-          op.state === OperationState.ROLLING_BACK
-        )
-          op = await ops.waitOperation(
-            { name: op.name, timeout: durationFromMs(60_000) },
-            { timeoutMs: 70_000 },
-          );
-        if (op.state !== OperationState.SUCCEEDED)
-          throw new Error(
-            `agent.drain ${op.target} ${OperationState[op.state]?.toLowerCase()}: ${op.error?.message ?? ""}`,
-          );
-      }
+      if (o.wait) op = await awaitOperation(cfg(), op);
       print(
         toJson(OperationSchema, op, { alwaysEmitImplicit: false }),
         () => `${op.kind} ${op.target}: ${OperationState[op.state]?.toLowerCase()} (${op.name})`,
@@ -247,22 +232,7 @@ export function agentCommands(program: Command, cfg: () => ClientConfig, print: 
         force: !!o.force,
         requestId: (o.requestId as string) ?? randomUUID(),
       });
-      if (o.wait) {
-        const ops = createDaemonClient(OperationService, cfg());
-        while (
-          op.state === OperationState.PENDING ||
-          op.state === OperationState.RUNNING ||
-          op.state === OperationState.ROLLING_BACK
-        )
-          op = await ops.waitOperation(
-            { name: op.name, timeout: durationFromMs(60_000) },
-            { timeoutMs: 70_000 },
-          );
-        if (op.state !== OperationState.SUCCEEDED)
-          throw new Error(
-            `agent.evacuate ${op.target} ${OperationState[op.state]?.toLowerCase()}: ${op.error?.message ?? ""}`,
-          );
-      }
+      if (o.wait) op = await awaitOperation(cfg(), op);
       print(
         toJson(OperationSchema, op, { alwaysEmitImplicit: false }),
         () => `${op.kind} ${op.target}: ${OperationState[op.state]?.toLowerCase()} (${op.name})`,

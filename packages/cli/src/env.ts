@@ -14,11 +14,11 @@ import {
   MemberState,
   type Operation,
   OperationSchema,
-  OperationService,
   OperationState,
 } from "@vmenv/api/coordinator/v1";
 import { type ClientConfig, createDaemonClient } from "@vmenv/rpc";
 import type { Command } from "commander";
+import { awaitOperation } from "./op.js";
 import { bytes, keyValues, table } from "./output.js";
 import { parseSize } from "./vm.js";
 
@@ -161,23 +161,7 @@ export function envCommands(program: Command, cfg: () => ClientConfig, print: Pr
 
   /** Waits for the operation (unless --no-wait) and prints its environment, or fails with its error. */
   const finish = async (op: Operation, wait: boolean) => {
-    let cur = op;
-    if (wait) {
-      const ops = createDaemonClient(OperationService, cfg());
-      while (
-        cur.state === OperationState.PENDING ||
-        cur.state === OperationState.RUNNING ||
-        cur.state === OperationState.ROLLING_BACK
-      )
-        cur = await ops.waitOperation(
-          { name: op.name, timeout: durationFromMs(60_000) },
-          { timeoutMs: 70_000 },
-        );
-      if (cur.state !== OperationState.SUCCEEDED)
-        throw new Error(
-          `${cur.kind} ${cur.target} ${lower(OperationState[cur.state])}: ${cur.error?.message ?? ""}`,
-        );
-    }
+    const cur = wait ? await awaitOperation(cfg(), op) : op;
     const e = cur.result ? anyUnpack(cur.result, EnvironmentSchema) : undefined;
     const summary = `${cur.kind} ${cur.target}: ${lower(OperationState[cur.state])} (${cur.name})`;
     if (e) print(toJson(EnvironmentSchema, e), () => `${summary}\n\n${envDetail(e)}`);

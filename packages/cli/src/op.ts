@@ -106,6 +106,20 @@ export function statusLine(st: Status): string {
 const json = (o: Operation) => toJson(OperationSchema, o, { registry });
 
 /** `vmenv op …`: the coordinator's operations (`vmenv ops …` is the agent's). */
+/**
+ * Waits until a coordinator operation has finished and returns it; throws with its error unless it
+ * succeeded. What `vmenv env …` and `vmenv agent drain/evacuate` do unless given --no-wait.
+ */
+export async function awaitOperation(cfg: ClientConfig, op: Operation): Promise<Operation> {
+  const ops = createDaemonClient(OperationService, cfg);
+  let cur = op;
+  while (!FINAL.has(cur.state))
+    cur = await ops.waitOperation({ name: op.name, timeout: durationFromMs(60_000) }, { timeoutMs: 70_000 });
+  if (cur.state !== OperationState.SUCCEEDED)
+    throw new Error(`${cur.kind} ${cur.target} ${opState(cur.state)}: ${cur.error?.message ?? ""}`);
+  return cur;
+}
+
 export function opCommands(program: Command, cfg: () => ClientConfig, print: Print): void {
   const op = program
     .command("op")

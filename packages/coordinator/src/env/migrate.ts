@@ -46,7 +46,6 @@ import { failedPrecondition, notFound, VmenvError } from "@vmenv/rpc/errors";
 import { type StoredUsage, usageFromStore, usageToStore } from "../domain/usage.js";
 import type { OperationKind, OpRecord, StepContext, StepDef } from "../ops/types.js";
 import { place } from "../placement/place.js";
-import { keys } from "../store/keys.js";
 import type { JsonValue, Txn } from "../store/store.js";
 import {
   type AgentTarget,
@@ -60,7 +59,16 @@ import {
 } from "./agent.js";
 import { envResult } from "./convert.js";
 import { byPriority, type EnvRecord, memberUsage, vmId } from "./model.js";
-import { type ClaimRecord, claimKey, type EnvDeps, placementRequest, readEnv } from "./ops.js";
+import {
+  type ClaimRecord,
+  claimKey,
+  type EnvDeps,
+  mutateEnv,
+  placementRequest,
+  readEnv,
+  rid,
+  target,
+} from "./ops.js";
 
 export const MIGRATE_KIND = "environment.migrate";
 
@@ -111,32 +119,10 @@ const SOURCE_GONE = [Code.Unavailable, Code.Canceled, Code.DeadlineExceeded, Cod
 /** How long `perform` waits for a source agent that went away to answer again. */
 const SOURCE_RESTART_GRACE_MS = 30_000;
 
-/** One agent as the shared agent helpers (agent.ts) see it, for a step. */
-function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
-  return {
-    id: agent,
-    clients: deps.fleet.clients(agent),
-    record: (operation) => ctx.recordAgentOperation(agentName(agent), operation),
-    signal: ctx.signal,
-  };
-}
-
-/** A request id for one agent call of a step: the step's, plus what the call is. */
-const rid = (ctx: StepContext, what: string) => `${ctx.requestId}:${what}`.slice(0, 128);
-
 function isUnreachable(err: unknown): boolean {
   if (err instanceof VmenvError) return err.code === "unavailable" || err.code === "deadline-exceeded";
   const ce = ConnectError.from(err);
   return ce.code === Code.Unavailable || ce.code === Code.DeadlineExceeded;
-}
-
-async function mutateEnv(deps: EnvDeps, tx: Txn, id: string, fn: (e: EnvRecord) => void) {
-  const e = await readEnv(tx, id);
-  if (!e) return undefined;
-  fn(e);
-  e.updateMs = deps.clock.now();
-  tx.put(keys.env(id), e);
-  return e;
 }
 
 function memberNotFound(env: string, id: string): VmenvError {

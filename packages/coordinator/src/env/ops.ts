@@ -120,7 +120,8 @@ export async function readEnv(r: StoreReader, id: string): Promise<EnvRecord | u
   return r.get<EnvRecord>(keys.env(id));
 }
 
-async function mutateEnv(
+/** Reads environment `id` in `tx`, changes it with `fn`, stamps and writes it; undefined when gone. */
+export async function mutateEnv(
   deps: EnvDeps,
   tx: Txn,
   id: string,
@@ -172,7 +173,8 @@ function envNotFound(id: string): VmenvError {
 
 // ---- agents --------------------------------------------------------------------------------------
 
-function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
+/** One agent as the shared agent helpers (agent.ts) see it, for a step. */
+export function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
   return {
     id: agent,
     clients: deps.fleet.clients(agent),
@@ -182,7 +184,7 @@ function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
 }
 
 /** A request id for one agent call of a step: the step's, plus what the call is. */
-const rid = (ctx: StepContext, what: string) => `${ctx.requestId}:${what}`.slice(0, 128);
+export const rid = (ctx: StepContext, what: string) => `${ctx.requestId}:${what}`.slice(0, 128);
 
 /** Stops (unless `force`), then deletes a member's VM and volumes on its agent. Idempotent. */
 async function teardown(

@@ -19,20 +19,11 @@ import type { OperationKind, OpRecord, StepContext, StepDef } from "../ops/types
 import type { AgentClients } from "../ports.js";
 import { keys } from "../store/keys.js";
 import type { JsonValue as StoreJson, Txn } from "../store/store.js";
-import {
-  type AgentTarget,
-  deleteVm,
-  deleteVolume,
-  ensureVm,
-  ensureVolume,
-  startVm,
-  stopVm,
-  syncOutputs,
-} from "./agent.js";
+import { deleteVm, deleteVolume, ensureVm, ensureVolume, startVm, stopVm, syncOutputs } from "./agent.js";
 import { envResult } from "./convert.js";
 import { builtinKinds, planEvent } from "./kinds.js";
 import { type EnvRecord, type MemberRecord, memberUsage, vmId } from "./model.js";
-import { type EnvDeps, placeMembers, readEnv } from "./ops.js";
+import { type EnvDeps, mutateEnv, placeMembers, readEnv, rid, target } from "./ops.js";
 
 export const RESCHEDULE_KIND = "environment.reschedule";
 export const DEFAULT_RESCHEDULE_DELAY_MS = 5 * 60_000;
@@ -127,25 +118,6 @@ interface MoveCharge {
   usage: ReturnType<typeof usageToStore>;
 }
 
-function target(deps: EnvDeps, ctx: StepContext, agent: string): AgentTarget {
-  return {
-    id: agent,
-    clients: deps.fleet.clients(agent),
-    record: (operation) => ctx.recordAgentOperation(`agents/${agent}`, operation),
-    signal: ctx.signal,
-  };
-}
-const rid = (ctx: StepContext, what: string) => `${ctx.requestId}:${what}`.slice(0, 128);
-
-async function mutate(deps: EnvDeps, tx: Txn, env: string, fn: (e: EnvRecord) => void) {
-  const e = await readEnv(tx, env);
-  if (!e) return undefined;
-  fn(e);
-  e.updateMs = deps.clock.now();
-  tx.put(keys.env(env), e);
-  return e;
-}
-
 /** The operation kind `environment.reschedule`. */
 export function rescheduleKind(deps: RescheduleDeps): OperationKind {
   const kinds = deps.kinds ?? builtinKinds;
@@ -193,7 +165,7 @@ export function rescheduleKind(deps: RescheduleDeps): OperationKind {
                 const c: MoveCharge = { agent: mv.to, usage: usageToStore(u) };
                 tx.put(moveKey(op.id, mv.id), c);
               }
-              await mutate(deps, tx, inp.env, (x) => {
+              await mutateEnv(deps, tx, inp.env, (x) => {
                 for (const mv of moves) {
                   const m = x.members.find((y) => y.id === mv.id);
                   if (m)
@@ -342,7 +314,7 @@ export function rescheduleKind(deps: RescheduleDeps): OperationKind {
                 message = `recreated on agents/${mv.to} but could not start: ${err instanceof Error ? err.message : String(err)}`;
               }
               ctx.onComplete(async (tx) => {
-                await mutate(deps, tx, inp.env, (x) => {
+                await mutateEnv(deps, tx, inp.env, (x) => {
                   const m = x.members.find((y) => y.id === mv.id);
                   if (!m || m.agent !== mv.to) return;
                   if (message) m.stateMessage = message;
@@ -376,7 +348,7 @@ export function rescheduleKind(deps: RescheduleDeps): OperationKind {
       const inp = op.input as RescheduleInput;
       const ids = new Set((op.data.members ?? inp.members) as string[]);
       const why = op.error?.message ?? "unknown error";
-      await mutate(deps, tx, inp.env, (e) => {
+      await mutateEnv(deps, tx, inp.env, (e) => {
         for (const m of e.members) {
           if (!ids.has(m.id) || m.agent !== inp.from || m.state !== "LOST") continue;
           const x = extra(m);
